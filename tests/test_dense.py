@@ -1,0 +1,194 @@
+"""Dense gradients: every path against the NumPy reference, and against each other."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_adamax
+
+from conftest import (DTYPES, MODES, SLOTS, AdamaxReference,
+                      assert_allclose_according_to_type, check_against_reference,
+                      make_optimizer, make_step, np_dtype, to_numpy)
+
+LR = 0.01
+SHAPES = ((5, 3), (3,))
+
+
+def _make_vars(rng, dtype, shapes=SHAPES, prefix="dense"):
+    values = [rng.standard_normal(s).astype(np_dtype(dtype)) for s in shapes]
+    variables = [tf.Variable(v, dtype=dtype, name=f"{prefix}{i}")
+                 for i, v in enumerate(values)]
+    return variables, values
+
+
+def _grads(rng, dtype, shapes=SHAPES, scale=1.0):
+    """Random gradients already rounded to ``dtype`` (as numpy arrays)."""
+    out = []
+    for s in shapes:
+        g = scale * rng.standard_normal(s)
+        g[rng.random(s) < 0.1] = 0.0  # some exact zeros: u must decay there
+        out.append(g.astype(np_dtype(dtype)))
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_matches_reference_20_steps(dtype, mode, rng):
+    variables, values = _make_vars(rng, dtype)
+    opt = make_optimizer(mode, learning_rate=LR)
+    step = make_step(opt, mode, variables)
+    ref = AdamaxReference(learning_rate=LR)
+    for i, v in enumerate(values):
+        ref.add_variable(i, v, np_dtype(dtype))
+    for t in range(1, 22):
+        grads = _grads(rng, dtype)
+        step([tf.constant(g, dtype=dtype) for g in grads])
+        ref.apply(dict(enumerate(grads)))
+        check_against_reference(opt, variables, ref, range(len(variables)),
+                                err_msg=f"step {t}")
+    assert int(opt.iterations.numpy()) == 21
+    for var in variables:
+        want = tf.float32 if dtype in ("float16", "bfloat16") else tf.as_dtype(dtype)
+        for slot in SLOTS:
+            s = opt.get_slot(var, slot)
+            assert isinstance(s, tf.Variable)
+            assert s.dtype == want, (slot, s.dtype)
+            assert s.shape == var.shape
+
+
+@pytest.mark.parametrize("dtype", ("float32", "float64"))
+def test_jit_compile_true_equals_false(dtype, rng):
+    grads_seq = [_grads(rng, dtype) for _ in range(8)]
+    init = [rng.standard_normal(s) for s in SHAPES]
+    results = {}
+    for jit in (True, False):
+        variables = [tf.Variable(v, dtype=dtype) for v in init]
+        opt = tf_adamax.Adamax(learning_rate=LR, jit_compile=jit)
+        for grads in grads_seq:
+            opt.apply_gradients(zip([tf.constant(g) for g in grads], variables))
+        results[jit] = [[to_numpy(v), to_numpy(opt.get_slot(v, "momentum")),
+                         to_numpy(opt.get_slot(v, "norm"))] for v in variables]
+    for a, b in zip(results[True], results[False]):
+        for x, y in zip(a, b):
+            assert_allclose_according_to_type(x, y, dtype)
+
+
+@pytest.mark.parametrize("lr_form", ("float", "schedule"))
+@pytest.mark.parametrize("jit_compile", (True, False))
+def test_no_retrace_after_warmup(jit_compile, lr_form, rng):
+    import keras
+
+    lr = LR if lr_form == "float" else keras.optimizers.schedules.ExponentialDecay(
+        LR, decay_steps=3, decay_rate=0.5)
+    variables, _ = _make_vars(rng, "float32")
+    opt = tf_adamax.Adamax(learning_rate=lr, jit_compile=jit_compile)
+
+    @tf.function
+    def train_step(g0, g1):
+        return opt.apply_gradients([(g0, variables[0]), (g1, variables[1])])
+
+    def run(n):
+        for _ in range(n):
+            train_step(*[tf.constant(g) for g in _grads(rng, "float32")])
+
+    run(2)
+    outer = train_step.experimental_get_tracing_count()
+    update_fn = getattr(opt, "_update_fn", None)
+    inner = (update_fn.experimental_get_tracing_count()
+             if hasattr(update_fn, "experimental_get_tracing_count") else None)
+    run(10)
+    assert train_step.experimental_get_tracing_count() == outer
+    if inner is not None:
+        assert update_fn.experimental_get_tracing_count() == inner
+    assert int(opt.iterations.numpy()) == 12
+
+
+def test_no_retrace_eager_calls_of_compiled_update(rng):
+    """Eager apply_gradients with jit_compile=True reuses one compiled program."""
+    variables, _ = _make_vars(rng, "float32")
+    lr = tf.Variable(LR)
+    opt = tf_adamax.Adamax(learning_rate=lambda: lr, jit_compile=True)
+    for _ in range(2):
+        opt.apply_gradients(zip([tf.constant(g) for g in _grads(rng, "float32")],
+                                variables))
+    update_fn = getattr(opt, "_update_fn", None)
+    if not hasattr(update_fn, "experimental_get_tracing_count"):
+        pytest.skip("optimizer exposes no _update_fn tracing counter")
+    count = update_fn.experimental_get_tracing_count()
+    for i in range(10):
+        lr.assign(LR / (i + 2))  # a changing learning rate must not retrace
+        opt.apply_gradients(zip([tf.constant(g) for g in _grads(rng, "float32")],
+                                variables))
+    assert update_fn.experimental_get_tracing_count() == count
+
+
+def test_minimize_callable_and_tape_match_reference(rng):
+    """minimize(callable) and minimize(tensor, tape=...) against the reference."""
+    target = rng.standard_normal((5, 3))
+    init = rng.standard_normal((5, 3))
+    for form in ("callable", "tape"):
+        var = tf.Variable(init, dtype=tf.float64)
+        opt = tf_adamax.Adamax(learning_rate=LR)
+        ref = AdamaxReference(learning_rate=LR)
+        ref.add_variable(0, init)
+        for _ in range(5):
+            # loss = 0.5 * |w - target|^2  =>  grad = w - target
+            grad = ref.w[0] - target
+            loss_fn = lambda: 0.5 * tf.reduce_sum(tf.square(var - target))  # noqa
+            if form == "callable":
+                opt.minimize(loss_fn, [var])
+            else:
+                with tf.GradientTape() as tape:
+                    loss = loss_fn()
+                opt.minimize(loss, [var], tape=tape)
+            ref.apply({0: grad})
+            check_against_reference(opt, [var], ref, [0], err_msg=form)
+
+
+def test_build_then_apply_and_state_accessors(rng):
+    variables, values = _make_vars(rng, "float32")
+    opt = make_optimizer("jit", learning_rate=LR)
+    opt.build(variables)
+    assert opt.iterations.dtype == tf.int64
+    assert isinstance(opt.iterations, tf.Variable)
+    assert int(opt.iterations.numpy()) == 0
+    assert float(np.asarray(opt.learning_rate)) == pytest.approx(LR)
+    state_refs = {v.ref() for v in opt.variables}
+    assert opt.iterations.ref() in state_refs
+    for var in variables:
+        for slot in SLOTS:
+            s = opt.get_slot(var, slot)
+            np.testing.assert_array_equal(s.numpy(), np.zeros(var.shape))
+            assert s.ref() in state_refs
+        assert var.ref() not in state_refs  # model variables are not optimizer state
+    grads = _grads(rng, "float32")
+    result = opt.apply_gradients(zip([tf.constant(g) for g in grads], variables))
+    assert int(np.asarray(result)) == 1
+    ref = AdamaxReference(learning_rate=LR)
+    for i, v in enumerate(values):
+        ref.add_variable(i, v, np.float32)
+    ref.apply(dict(enumerate(grads)))
+    check_against_reference(opt, variables, ref, range(2))
+
+
+@pytest.mark.parametrize("mode", ("eager", "jit", "function"))
+def test_variable_added_after_first_steps(mode, rng):
+    """A late variable gets fresh slots on first use and the global step t."""
+    (v0,), (x0,) = _make_vars(rng, "float32", shapes=[(5, 3)])
+    (v1,), (x1,) = _make_vars(rng, "float32", shapes=[(4,)], prefix="late")
+    opt = make_optimizer(mode, learning_rate=LR)
+    ref = AdamaxReference(learning_rate=LR)
+    ref.add_variable(0, x0, np.float32)
+    first = make_step(opt, mode, [v0])
+    for _ in range(3):
+        (g,) = _grads(rng, "float32", shapes=[(5, 3)])
+        first([tf.constant(g)])
+        ref.apply({0: g})
+    # A new tf.function for the new variable list, as a user would write it.
+    second = make_step(opt, mode, [v0, v1])
+    ref.add_variable(1, x1, np.float32)
+    for _ in range(4):
+        grads = _grads(rng, "float32", shapes=[(5, 3), (4,)])
+        second([tf.constant(g) for g in grads])
+        ref.apply(dict(enumerate(grads)))
+        check_against_reference(opt, [v0, v1], ref, [0, 1])
+    assert int(opt.iterations.numpy()) == 7

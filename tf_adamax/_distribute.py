@@ -1,0 +1,175 @@
+"""The `tf.distribute` glue: where state lives and how updates are placed.
+
+Everything strategy-specific is here, so the optimizer reads the same with and
+without a strategy. Public APIs are used throughout except in `var_key`, which
+needs the private `_distributed_container` (see there).
+"""
+
+from __future__ import annotations
+
+import typing
+
+import tensorflow as tf
+
+
+def unwrap(var):
+    """The `tf.Variable` behind a Keras 3 variable (or `var` itself).
+
+    Keras 3 variables on the TensorFlow backend wrap a `tf.Variable` as
+    `.value`; the core optimizer updates that variable directly.
+    """
+    if isinstance(var, tf.Variable):
+        return var
+    inner = getattr(var, "value", None)
+    if isinstance(inner, tf.Variable):
+        return inner
+    return var
+
+
+def var_key(var):
+    """A hashable key naming a model variable, the same for all its views.
+
+    Inside `strategy.extended.update` and in replica context TF hands out the
+    per-device component of a mirrored variable; the slot table is keyed by
+    the distributed container. TF exposes the container only through the
+    private `_distributed_container` (as tf-keras's `_var_key` does); this is
+    the one place the library relies on it.
+    """
+    var = unwrap(var)
+    container = getattr(var, "_distributed_container", None)
+    if container is not None:
+        var = container()
+    return var.ref()
+
+
+def current_strategy():
+    return tf.distribute.get_strategy()
+
+
+def in_replica_context():
+    """True inside `strategy.run` of a real (non-default) strategy."""
+    return (tf.distribute.has_strategy()
+            and tf.distribute.get_replica_context() is not None)
+
+
+def merge(fn, *args):
+    """Calls `fn(strategy, *args)` in the cross-replica context, once.
+
+    From a replica context this is `merge_call`: gradients of all replicas
+    meet there and every variable is updated once for all of them.
+    """
+    if in_replica_context():
+        return tf.distribute.get_replica_context().merge_call(fn, args=args)
+    return fn(current_strategy(), *args)
+
+
+def check_same_strategy(strategy, var, name):
+    """Raises a clear error when `var` lives under another strategy."""
+    if not strategy.extended.variable_created_in_scope(unwrap(var)):
+        raise ValueError(
+            f"Variable {name!r} was created under a different tf.distribute "
+            f"strategy than the optimizer ({type(strategy).__name__}). Create "
+            "the optimizer inside the same `strategy.scope()` as the model's "
+            "variables."
+        )
+
+
+def create_slot(strategy, var, name, dtype, shape):
+    """Creates a zero slot variable under `strategy`, colocated with `var`.
+
+    Under MirroredStrategy the slot is mirrored like its variable; under
+    ParameterServerStrategy it lives on the variable's parameter server.
+    """
+    with tf.init_scope():
+        with strategy.scope(), strategy.extended.colocate_vars_with(
+                unwrap(var)):
+            return tf.Variable(
+                tf.zeros(shape, dtype), name=name, trainable=False,
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
+
+
+def create_state(strategy, initial_value, name, dtype):
+    """Creates an optimizer-wide variable (iterations, learning rate)."""
+    with tf.init_scope():
+        with strategy.scope():
+            return tf.Variable(
+                initial_value, name=name, dtype=dtype, trainable=False,
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
+
+
+def state_float_dtype(strategy):
+    """float64 for the stored learning rate, except on TPUs (no float64).
+
+    A float32 learning rate of 0.001 is off by 5e-8 relative, which a
+    float64 model would see; TPUs cannot hold float64 state at all.
+    """
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return tf.float32
+    return tf.float64
+
+
+def all_reduce(strategy, grads, variables):
+    """Sums gradients over replicas (IndexedSlices stay sparse: concatenated).
+
+    Called in the cross-replica context. Returns one value per gradient,
+    possibly per-replica (mirrored) values.
+    """
+    if strategy.num_replicas_in_sync == 1 and not isinstance(
+            grads[0], tf.distribute.DistributedValues):
+        return list(grads)
+    return strategy.extended.batch_reduce_to(
+        tf.distribute.ReduceOp.SUM,
+        [(g, unwrap(v)) for g, v in zip(grads, variables)],
+    )
+
+
+def local(strategy, value):
+    """The per-device components of `value` on this worker, as a tuple."""
+    return tuple(strategy.experimental_local_results(value))
+
+
+class Group(typing.NamedTuple):
+    """The work of one device: positions into the variable list.
+
+    `replica` is the index into `local(...)` results for replicated
+    (mirrored) state, or None when the variables are split over devices (one
+    group per device, as under ParameterServerStrategy).
+    """
+
+    device: str
+    positions: typing.List[int]
+    replica: typing.Optional[int]
+
+
+def plan(strategy, variables):
+    """Splits an update into per-device programs.
+
+    Mirrored variables: one group per local replica, each holding every
+    variable (its component on that device), so each device updates its copy
+    with one compiled program. Variables not replicated (no strategy, or
+    parameter servers): one group per device holding the variables placed
+    there, because a compiled program can only touch resources on its own
+    device.
+    """
+    components = [local(strategy, unwrap(v)) for v in variables]
+    counts = {len(c) for c in components}
+    if len(counts) == 1 and counts.pop() > 1:
+        n = len(components[0])
+        return [
+            Group(components[0][i].device, list(range(len(variables))), i)
+            for i in range(n)
+        ], True
+    by_device = {}
+    for i, c in enumerate(components):
+        by_device.setdefault(c[0].device, []).append(i)
+    return [Group(d, p, None) for d, p in by_device.items()], False
+
+
+def component(strategy, value, group):
+    """`value`'s component for `group` (the value itself if not per-device)."""
+    parts = local(strategy, value)
+    if group.replica is None or len(parts) == 1:
+        return parts[0]
+    return parts[group.replica]

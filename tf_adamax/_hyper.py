@@ -1,0 +1,136 @@
+"""Validation and resolution of Adamax hyperparameters.
+
+Every check runs in the constructor, before any state exists, so a bad value
+never leaves a half-built optimizer behind. Messages name the argument, the
+value and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+
+import numpy as np
+import tensorflow as tf
+
+SPARSE_MODES = ("exact", "lazy")
+
+
+def _constant_value(value):
+    """The Python/NumPy value of a float or a constant scalar tensor, else None."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, tf.Variable):
+        return None  # its value can change later: trusted as given
+    if tf.is_tensor(value):
+        static = tf.get_static_value(value)
+        if static is not None and np.ndim(static) == 0:
+            return float(static)
+    return None
+
+
+def _is_scalar_like(value):
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return True
+    if tf.is_tensor(value) or isinstance(value, tf.Variable):
+        return value.shape.rank == 0
+    return False
+
+
+def check_scalar(name, value, low=None, high=None, low_open=False,
+                 high_open=True, allow_none=False):
+    """Checks a scalar hyperparameter; raises ValueError naming it.
+
+    Args:
+      name: the argument name, for the message.
+      value: a Python number or scalar tensor (or None if allowed).
+      low, high: bounds; `low_open`/`high_open` make them strict.
+      allow_none: whether None is accepted.
+
+    Returns:
+      `value` unchanged.
+    """
+    if value is None:
+        if allow_none:
+            return value
+        raise ValueError(f"Invalid {name}: None. Pass a float.")
+    if not _is_scalar_like(value):
+        raise ValueError(
+            f"Invalid {name}: {value!r}. Expected a float or a scalar tensor."
+        )
+    v = _constant_value(value)
+    if v is None:
+        return value  # a variable or non-constant tensor: trusted as given
+    if not math.isfinite(v):
+        raise ValueError(f"Invalid {name}: {v}. It must be a finite number.")
+    interval = (
+        f"{'(' if low_open else '['}{low if low is not None else '-inf'}, "
+        f"{high if high is not None else 'inf'}{')' if high_open else ']'}"
+    )
+    if low is not None and (v < low or (low_open and v == low)):
+        raise ValueError(
+            f"Invalid {name}: {v}. It must lie in {interval}."
+        )
+    if high is not None and (v > high or (high_open and v == high)):
+        raise ValueError(
+            f"Invalid {name}: {v}. It must lie in {interval}."
+        )
+    return value
+
+
+def is_schedule(learning_rate):
+    """True for a Keras 3 or tf-keras `LearningRateSchedule` (duck-typed).
+
+    Both generations' schedules are callables of the step with `get_config`;
+    checking the duck type avoids importing either Keras here.
+    """
+    cls_names = {c.__name__ for c in type(learning_rate).__mro__}
+    return "LearningRateSchedule" in cls_names
+
+
+def check_learning_rate(learning_rate):
+    """Validates `learning_rate`: float, scalar tensor, schedule or callable."""
+    if is_schedule(learning_rate):
+        return learning_rate
+    if callable(learning_rate) and not (
+        tf.is_tensor(learning_rate) or isinstance(learning_rate, tf.Variable)
+    ):
+        return learning_rate  # a zero-argument callable, read at each step
+    return check_scalar("learning_rate", learning_rate, low=0.0,
+                        high=None, high_open=False)
+
+
+def check_sparse_mode(sparse_mode):
+    if sparse_mode in SPARSE_MODES:
+        return sparse_mode
+    hint = difflib.get_close_matches(str(sparse_mode), SPARSE_MODES, n=1)
+    did_you_mean = f" Did you mean {hint[0]!r}?" if hint else ""
+    raise ValueError(
+        f"Invalid sparse_mode: {sparse_mode!r}. Expected one of "
+        f"{', '.join(repr(m) for m in SPARSE_MODES)}.{did_you_mean}"
+    )
+
+
+def check_positive_int(name, value, minimum):
+    if value is None:
+        return None
+    if (not isinstance(value, numbers.Integral) or isinstance(value, bool)
+            or value < minimum):
+        raise ValueError(
+            f"Invalid {name}: {value!r}. It must be an integer >= {minimum} "
+            "(or None to disable it)."
+        )
+    return int(value)
+
+
+def check_clipping(clipnorm, clipvalue, global_clipnorm):
+    if clipnorm is not None and global_clipnorm is not None:
+        raise ValueError(
+            f"clipnorm ({clipnorm}) and global_clipnorm ({global_clipnorm}) "
+            "are mutually exclusive: set only one of them."
+        )
+    for name, value in (("clipnorm", clipnorm), ("clipvalue", clipvalue),
+                        ("global_clipnorm", global_clipnorm)):
+        check_scalar(name, value, low=0.0, low_open=True, high=None,
+                     allow_none=True)

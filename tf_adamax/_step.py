@@ -1,0 +1,268 @@
+"""One optimizer step over a list of variables: gradient transforms + kernels.
+
+`apply_step` is the body the core optimizer runs once per `apply_gradients`
+call (compiled as one XLA program when `jit_compile=True`). It takes the
+variables, their slots and already-aggregated gradients, and applies, in Keras
+3's order: loss-scale division, gradient accumulation, clipping, decoupled
+weight decay + the Adamax update (`_math`), and the weight EMA. It reads no
+optimizer object: everything arrives as arguments, so the same function serves
+one device, each replica of a mirrored variable, or each parameter server.
+"""
+
+from __future__ import annotations
+
+import typing
+
+import tensorflow as tf
+
+from tf_adamax import _math
+
+
+class StepConfig(typing.NamedTuple):
+    """Static (trace-time) settings of a step; see `Adamax` for meanings."""
+
+    beta_1: typing.Any
+    beta_2: typing.Any
+    epsilon: typing.Any
+    weight_decay: typing.Any
+    clipnorm: typing.Any
+    clipvalue: typing.Any
+    global_clipnorm: typing.Any
+    loss_scale_factor: typing.Any
+    gradient_accumulation_steps: typing.Optional[int]
+    use_ema: bool
+    ema_momentum: float
+    ema_overwrite_frequency: typing.Optional[int]
+    sparse_mode: str
+
+
+class VarState(typing.NamedTuple):
+    """A variable and its slots (`average`/`accumulator` None when unused)."""
+
+    var: typing.Any
+    momentum: typing.Any
+    norm: typing.Any
+    average: typing.Any = None
+    accumulator: typing.Any = None
+
+
+class SparseRows(typing.NamedTuple):
+    """A lazy-mode sparse gradient after `_math.sum_duplicates`.
+
+    `rows` sorted (may repeat), `values[i]` the summed gradient of row
+    `rows[i]`, `is_first[i]` marks one entry per distinct row, so sums and
+    norms over `values * is_first` see each row once.
+    """
+
+    rows: tf.Tensor
+    values: tf.Tensor
+    is_first: tf.Tensor
+
+    def once(self):
+        """`values` with repeated entries zeroed: each row counted once."""
+        mask = tf.cast(self.is_first, self.values.dtype)
+        mask = tf.reshape(mask, [-1] + [1] * (self.values.shape.rank - 1))
+        return self.values * mask
+
+
+def prepare(grad, var, sparse_mode):
+    """Brings a gradient into the form the step works on.
+
+    Exact mode densifies an IndexedSlices (duplicates summed) so everything
+    after it, clipping included, sees the densified gradient. Lazy mode sums
+    duplicates once here, before any nonlinearity, and stays O(nnz).
+    """
+    if isinstance(grad, tf.IndexedSlices):
+        if sparse_mode == "lazy":
+            rows, values, _, is_first = _math.sum_duplicates(
+                grad.indices, grad.values)
+            return SparseRows(rows, values, is_first)
+        return _math.densify(grad.indices, grad.values, tf.shape(var)[0])
+    return grad
+
+
+def _map(grad, fn):
+    if isinstance(grad, SparseRows):
+        return grad._replace(values=fn(grad.values))
+    return fn(grad)
+
+
+def _sq_norm(grad):
+    values = grad.once() if isinstance(grad, SparseRows) else grad
+    values = tf.cast(values, _math.compute_dtype(values.dtype))
+    return tf.reduce_sum(tf.square(values))
+
+
+def _to_dense(grad, var):
+    if isinstance(grad, SparseRows):
+        return _math.densify(grad.rows, grad.once(), tf.shape(var)[0])
+    return grad
+
+
+def clip(config, grads, global_norm=None):
+    """Keras 3 clipping, on gradients whose duplicates are already summed.
+
+    Args:
+      config: the `StepConfig`.
+      grads: prepared gradients (tensors or `SparseRows`).
+      global_norm: for `global_clipnorm`, the norm over ALL gradients when
+        `grads` is only part of them (variables spread over devices);
+        None computes it from `grads`.
+    """
+    if config.clipnorm is not None:
+        def by_norm(g):
+            l2sum = _sq_norm(g)
+            # Two-tap where: no NaN gradient from sqrt at 0.
+            safe = tf.where(l2sum > 0, l2sum, tf.ones_like(l2sum))
+            l2norm = tf.where(l2sum > 0, tf.sqrt(safe), l2sum)
+            clipnorm = _math.as_dtype(config.clipnorm, l2norm.dtype)
+            scale = clipnorm / tf.maximum(l2norm, clipnorm)
+            return _map(g, lambda v: v * tf.cast(scale, v.dtype))
+        return [by_norm(g) for g in grads]
+    if config.global_clipnorm is not None:
+        if global_norm is None:
+            global_norm = global_norm_of(grads)
+        clip_norm = _math.as_dtype(config.global_clipnorm, global_norm.dtype)
+        scale = clip_norm * tf.minimum(1.0 / global_norm, 1.0 / clip_norm)
+        # NaN/inf norm propagates as in tf.clip_by_global_norm.
+        scale = scale + (global_norm - global_norm)
+        return [_map(g, lambda v: v * tf.cast(scale, v.dtype)) for g in grads]
+    if config.clipvalue is not None:
+        def by_value(v):
+            c = _math.as_dtype(config.clipvalue, v.dtype)
+            return tf.clip_by_value(v, -c, c)
+        return [_map(g, by_value) for g in grads]
+    return grads
+
+
+def global_norm_of(grads):
+    """L2 norm over a list of prepared gradients (float32 or wider)."""
+    sq = [_sq_norm(g) for g in grads]
+    # Mixed float32/float64 variables: add up in the widest dtype present.
+    dtype = tf.float64 if any(x.dtype == tf.float64 for x in sq) else tf.float32
+    return tf.sqrt(tf.add_n([tf.cast(x, dtype) for x in sq]) if sq
+                   else tf.constant(0.0, dtype))
+
+
+def global_grad_norm(config, grads, variables):
+    """The norm `global_clipnorm` clips to, over gradients of all devices.
+
+    Used when the variables are split over devices (one program each), so no
+    single program sees every gradient.
+    """
+    prepared = [prepare(g, v, config.sparse_mode)
+                for g, v in zip(grads, variables)]
+    norm = global_norm_of(prepared)
+    if config.loss_scale_factor is not None:
+        norm = norm / _math.as_dtype(config.loss_scale_factor, norm.dtype)
+    return norm
+
+
+def _update(config, states, grads, decays, step, learning_rate):
+    """Weight decay + Adamax for each variable (the `_math` kernels)."""
+    ops = []
+    for state, grad, decay in zip(states, grads, decays):
+        hyper = _math.Hyper(
+            learning_rate=learning_rate,
+            beta_1=config.beta_1,
+            beta_2=config.beta_2,
+            epsilon=config.epsilon,
+            step=step,
+            weight_decay=config.weight_decay if decay else None,
+        )
+        if isinstance(grad, SparseRows):
+            ops.append(_math.lazy_rows_step(
+                state.var, state.momentum, state.norm, grad.rows, grad.values,
+                hyper))
+        else:
+            ops.append(_math.dense_step(
+                state.var, state.momentum, state.norm, grad, hyper))
+    return tf.group(*ops)
+
+
+def apply_step(config: StepConfig, states, grads, decays, iteration,
+               learning_rate, global_norm=None):
+    """Applies one optimizer step to `states` (not incrementing iterations).
+
+    Args:
+      config: static `StepConfig`.
+      states: list of `VarState`.
+      grads: list of gradients (tensors or `tf.IndexedSlices`), aggregated.
+      decays: list of bools, whether weight decay applies to each variable.
+      iteration: int64 scalar, the optimizer's iteration count BEFORE this
+        call (t = iteration + 1).
+      learning_rate: scalar tensor, this step's learning rate.
+      global_norm: see `clip`.
+
+    Updates happen as side effects (ordered per resource by TF's automatic
+    control dependencies); nothing is returned, so the function can be
+    wrapped in `tf.function(jit_compile=True)` as is.
+    """
+    grads = [prepare(g, s.var, config.sparse_mode)
+             for g, s in zip(grads, states)]
+    if config.loss_scale_factor is not None:
+        grads = [_map(g, lambda v: v / _math.as_dtype(
+                    config.loss_scale_factor, v.dtype)) for g in grads]
+    step = iteration + 1
+
+    if config.gradient_accumulation_steps:
+        n = config.gradient_accumulation_steps
+
+        def update_with_mean():
+            mean = [
+                (tf.cast(_to_dense(g, s.var), s.accumulator.dtype)
+                 + s.accumulator) / n
+                for g, s in zip(grads, states)
+            ]
+            mean = [tf.cast(m, s.var.dtype) if s.var.dtype != m.dtype else m
+                    for m, s in zip(mean, states)]
+            clipped = clip(config, mean, global_norm)
+            with tf.control_dependencies([_update(
+                    config, states, clipped, decays, step, learning_rate)]):
+                resets = [s.accumulator.assign(tf.zeros_like(s.accumulator))
+                          for s in states]
+            with tf.control_dependencies(resets):
+                return tf.constant(True)
+
+        def accumulate():
+            ops = []
+            for g, s in zip(grads, states):
+                if isinstance(g, SparseRows):
+                    ops.append(s.accumulator.scatter_add(tf.IndexedSlices(
+                        tf.cast(g.once(), s.accumulator.dtype), g.rows)))
+                else:
+                    ops.append(s.accumulator.assign_add(
+                        tf.cast(g, s.accumulator.dtype)))
+            with tf.control_dependencies(ops):
+                return tf.constant(False)
+
+        tf.cond(step % n == 0, update_with_mean, accumulate)
+    else:
+        _update(config, states, clip(config, grads, global_norm),
+                decays, step, learning_rate)
+
+    if config.use_ema:
+        _ema(config, states, iteration)
+
+
+def _ema(config, states, iteration):
+    """Keras 3's weight EMA; the first step copies the weights."""
+    ops = []
+    for s in states:
+        not_first = tf.cast(tf.not_equal(iteration, 0), s.average.dtype)
+        momentum = not_first * _math.as_dtype(
+            config.ema_momentum, s.average.dtype)
+        ops.append(s.average.assign(
+            momentum * s.average + (1 - momentum) * tf.cast(
+                s.var, s.average.dtype)))
+    if config.ema_overwrite_frequency:
+        freq = config.ema_overwrite_frequency
+        with tf.control_dependencies(ops):
+            def overwrite():
+                with tf.control_dependencies(
+                        [s.var.assign(tf.cast(s.average, s.var.dtype))
+                         for s in states]):
+                    return tf.constant(True)
+            return tf.cond((iteration + 1) % freq == 0, overwrite,
+                           lambda: tf.constant(False))
+    return tf.group(*ops)

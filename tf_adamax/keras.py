@@ -1,0 +1,263 @@
+"""Adamax for Keras 3 (`keras.Model.compile`), on the tf_adamax kernels.
+
+This module imports Keras 3 (`import keras`, TensorFlow backend) and nothing
+of tf-keras. The Adamax math lives in `tf_adamax._math`; this adapter only
+translates Keras 3's optimizer protocol (`build` / `update_step`) to it.
+Everything else Keras 3 users rely on -- learning-rate schedules, clipping,
+decoupled weight decay, EMA, gradient accumulation, `loss_scale_factor`,
+the `LossScaleOptimizer` that mixed precision adds, `tf.distribute` -- is
+Keras 3's own base-class machinery, left untouched.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from tf_adamax import _hyper
+from tf_adamax import _math
+
+__all__ = ["Adamax"]
+
+
+def _tf_variable(variable):
+    """The `tf.Variable` behind a Keras 3 variable (or `variable` itself)."""
+    if isinstance(variable, keras.Variable):
+        return variable.value
+    return variable
+
+
+def _sum_duplicate_rows(slices):
+    """An IndexedSlices whose densified value equals `slices`', without repeats.
+
+    Each distinct index keeps its summed row once (the other copies become
+    zero rows), with the static shape XLA needs. Keras 3 clips the
+    `values` of an IndexedSlices row by row, so without this a repeated token
+    would be clipped per copy instead of once, as the densified gradient is.
+    """
+    indices, sums, _, is_first = _math.sum_duplicates(
+        slices.indices, slices.values)
+    mask = tf.reshape(tf.cast(is_first, sums.dtype),
+                      [-1] + [1] * (sums.shape.rank - 1))
+    return tf.IndexedSlices(sums * mask, indices, slices.dense_shape)
+
+
+@keras.saving.register_keras_serializable(package="tf_adamax")
+class Adamax(keras.optimizers.Optimizer):
+    """Adamax (Kingma & Ba 2014, section 7.1) for Keras 3, with exact sparse updates.
+
+    A drop-in replacement for `keras.optimizers.Adamax` (same arguments,
+    defaults, slot names and saved-variable order) that runs the shared
+    `tf_adamax` kernels and treats sparse gradients correctly.
+
+    Update rule, for a variable `w` with gradient `g` and step
+    `t = iterations + 1` (slots kept in float32 for float16/bfloat16
+    variables):
+
+    ```
+    m = beta_1 * m + (1 - beta_1) * g
+    u = max(beta_2 * u, |g|)
+    w = w - learning_rate * m / ((1 - beta_1 ** t) * (u + epsilon))
+    ```
+
+    `epsilon` is added outside the max, as in Keras; PyTorch and optax put
+    it inside (`max(beta_2 * u, |g| + eps)`) with a default of 1e-8.
+
+    Sparse gradients (`tf.IndexedSlices`, e.g. from `keras.layers.Embedding`)
+    always have their duplicate indices summed before `|g|` and the max:
+    `max` is not linear, so a token seen twice in a batch with gradients
+    `+g` and `-g` must contribute `|g - g| = 0`, not `|g| + |g|`.
+    (`keras.optimizers.Adamax` takes `|g|` per repeated row.) Then:
+
+    * `sparse_mode="exact"` (default): the update equals applying the
+      densified gradient -- rows not in the batch still decay `m` and `u`
+      and move, exactly as with a dense zero gradient.
+    * `sparse_mode="lazy"`: only the rows in the batch change (their update
+      is exactly the dense update of those rows, with the global step `t`);
+      every other row of the variable and its slots is left untouched. Cost
+      is O(rows in the batch), independent of the vocabulary size.
+
+    Clipping, weight decay, EMA, gradient accumulation and loss scaling are
+    Keras 3's and behave as for any Keras 3 optimizer; clipping of a sparse
+    gradient sees each repeated index once, as for the densified gradient.
+
+    Args:
+      learning_rate: A float, a `keras.optimizers.schedules.LearningRateSchedule`,
+        or a zero-argument callable returning the learning rate.
+      beta_1: Decay rate of the first moment `m`, in [0, 1).
+      beta_2: Decay rate of the infinity norm `u`, in [0, 1).
+      epsilon: Small constant added to `u` for numerical stability, >= 0.
+      weight_decay: If set, decoupled weight decay `w -= w * weight_decay * lr`
+        before the step (see `exclude_from_weight_decay`).
+      clipnorm: If set, each gradient is clipped to this L2 norm.
+      clipvalue: If set, each gradient is clipped elementwise to
+        `[-clipvalue, clipvalue]`.
+      global_clipnorm: If set, all gradients are clipped together to this
+        global L2 norm.
+      use_ema: Whether to keep an exponential moving average of the weights.
+      ema_momentum: Momentum of the weight EMA.
+      ema_overwrite_frequency: If set with `use_ema`, overwrite the weights
+        with their EMA every this many steps.
+      loss_scale_factor: If set, the loss is multiplied and the gradients
+        divided by it.
+      gradient_accumulation_steps: If an int >= 2, update every this many
+        steps with the mean of the accumulated gradients.
+      name: Name of the optimizer (prefix of its variables' names).
+      sparse_mode: `"exact"` or `"lazy"`, see above.
+      **kwargs: Other `keras.optimizers.Optimizer` arguments; unknown
+        names raise, as in Keras.
+
+    Raises:
+      ValueError: For an unknown `sparse_mode` or an out-of-range
+        `beta_1`, `beta_2` or `epsilon` (and for whatever Keras 3 rejects).
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> import tf_adamax.keras
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    >>> model.compile(optimizer=tf_adamax.keras.Adamax(1e-2), loss="mse")
+    >>> history = model.fit(np.ones((8, 4)), np.ones((8, 1)), verbose=0)
+
+    References:
+      Kingma & Ba, "Adam: A Method for Stochastic Optimization", 2014,
+      section 7.1. https://arxiv.org/abs/1412.6980
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.001,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-7,
+        weight_decay=None,
+        clipnorm=None,
+        clipvalue=None,
+        global_clipnorm=None,
+        use_ema=False,
+        ema_momentum=0.99,
+        ema_overwrite_frequency=None,
+        loss_scale_factor=None,
+        gradient_accumulation_steps=None,
+        name="adamax",
+        sparse_mode="exact",
+        **kwargs,
+    ):
+        # Validate before any variable exists: a typo leaves nothing behind.
+        _hyper.check_sparse_mode(sparse_mode)
+        _hyper.check_scalar("beta_1", beta_1, low=0.0, high=1.0)
+        _hyper.check_scalar("beta_2", beta_2, low=0.0, high=1.0)
+        _hyper.check_scalar("epsilon", epsilon, low=0.0, high=None,
+                            high_open=False)
+        super().__init__(
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            use_ema=use_ema,
+            ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency,
+            loss_scale_factor=loss_scale_factor,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            name=name,
+            **kwargs,
+        )
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.sparse_mode = sparse_mode
+
+    def build(self, var_list):
+        """Creates the slots `momentum` (m) and `norm` (u) of each variable.
+
+        Slots are float32 for float16/bfloat16 variables. They are created in
+        the same order and under the same attribute names (`_m`, `_u`) as
+        `keras.optimizers.Adamax`'s, so its saved optimizer state loads here.
+
+        Args:
+          var_list: the model variables this optimizer will update.
+        """
+        if self.built:
+            return
+        super().build(var_list)
+        self._m, self._u = [], []
+        for variable in var_list:
+            if getattr(variable, "overwrite_with_gradient", False):
+                # Keras assigns these variables their gradient; no slots.
+                self._m.append(None)
+                self._u.append(None)
+                continue
+            self._m.append(self._add_slot(variable, "momentum"))
+            self._u.append(self._add_slot(variable, "norm"))
+
+    def _add_slot(self, variable, slot_name):
+        dtype = _math.compute_dtype(variable.dtype)
+        if dtype == tf.as_dtype(variable.dtype):
+            return self.add_variable_from_reference(variable, name=slot_name)
+        # add_variable_from_reference copies the variable's dtype; half
+        # precision needs float32 slots, so repeat its naming and placement.
+        # `_distribution_strategy` is the strategy Keras 3's TF optimizer
+        # captured at construction (and colocates its own slots under).
+        path = getattr(variable, "path", variable.name)
+        name = f"{str(path).replace('/', '_').replace(':', '_')}_{slot_name}"
+        with self._distribution_strategy.extended.colocate_vars_with(
+                _tf_variable(variable)):
+            return self.add_variable(shape=variable.shape, dtype=dtype.name,
+                                     name=name)
+
+    def update_step(self, gradient, variable, learning_rate):
+        """Applies one gradient to one variable with the tf_adamax kernels.
+
+        Keras 3 calls this per variable (through `strategy.extended.update`
+        under `tf.distribute`) after loss-scale division, gradient
+        accumulation, clipping and weight decay, so the kernels run without
+        weight decay of their own.
+
+        Args:
+          gradient: a dense tensor or a `tf.IndexedSlices`.
+          variable: the model variable (`tf.Variable` or `keras.Variable`).
+          learning_rate: this step's learning rate.
+        """
+        index = self._get_variable_index(variable)
+        var = _tf_variable(variable)
+        m = _tf_variable(self._m[index])
+        u = _tf_variable(self._u[index])
+        hyper = _math.Hyper(
+            learning_rate=learning_rate,
+            beta_1=self.beta_1,
+            beta_2=self.beta_2,
+            epsilon=self.epsilon,
+            step=tf.cast(self.iterations, tf.int64) + 1,
+            weight_decay=None,  # Keras 3 applied it before this call
+        )
+        if isinstance(gradient, tf.IndexedSlices):
+            sparse_step = (_math.lazy_sparse_step if self.sparse_mode == "lazy"
+                           else _math.exact_sparse_step)
+            return sparse_step(var, m, u, gradient.indices, gradient.values,
+                               hyper)
+        return _math.dense_step(var, m, u, gradient, hyper)
+
+    def apply(self, grads, trainable_variables=None):
+        """Applies gradients (see `keras.optimizers.Optimizer.apply`).
+
+        When clipping is configured, repeated indices of sparse gradients are
+        summed first so each token is clipped once, as in the densified
+        gradient. The update itself sums them in any case.
+        """
+        if (self.clipnorm is not None or self.clipvalue is not None
+                or self.global_clipnorm is not None):
+            grads = [_sum_duplicate_rows(g) if isinstance(g, tf.IndexedSlices)
+                     else g for g in grads]
+        return super().apply(grads, trainable_variables)
+
+    def get_config(self):
+        """Returns every constructor argument (serializable)."""
+        config = super().get_config()
+        config.update({
+            "beta_1": self.beta_1,
+            "beta_2": self.beta_2,
+            "epsilon": self.epsilon,
+            "sparse_mode": self.sparse_mode,
+        })
+        return config

@@ -1,0 +1,591 @@
+"""`tf_adamax.Adamax`: the core optimizer, a `tf.Module` with no Keras.
+
+The class owns state (iterations, learning rate, slots), distribution and
+compilation. The math lives in `_math` (kernels) and `_step` (one step over a
+list of variables); the strategy glue in `_distribute`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import tensorflow as tf
+
+from tf_adamax import _distribute
+from tf_adamax import _hyper
+from tf_adamax import _math
+from tf_adamax import _slots
+from tf_adamax import _step
+
+
+class _Untracked:
+    """Holds objects that must not become checkpoint/SavedModel children."""
+
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+
+class Adamax(tf.Module):
+    """Adamax (Kingma & Ba, 2014, section 7.1) for TensorFlow, Keras-free.
+
+    With gradient `g`, step `t = iterations + 1`, first moment `m` and
+    infinity norm `u` (slots "momentum" and "norm", zero-initialised):
+
+        m = beta_1 * m + (1 - beta_1) * g
+        u = max(beta_2 * u, |g|)
+        w = w - learning_rate * m / ((1 - beta_1 ** t) * (u + epsilon))
+
+    `epsilon` is added to `u` outside the max, as in Keras; PyTorch and optax
+    put it inside (`max(beta_2 * u, |g| + eps)`) with a default of 1e-8.
+
+    Sparse gradients (`tf.IndexedSlices`) follow `sparse_mode`:
+      * "exact": identical to applying the densified gradient (duplicate
+        indices summed before |g| and max). Every row's moments decay.
+      * "lazy": only the rows named in `indices` change, each getting exactly
+        the dense update of that row (duplicates summed, global t); the cost
+        is O(nnz * row size), independent of the table size.
+
+    Slots are float32 for float16/bfloat16 variables. With
+    `jit_compile=True` the update of all variables in one call is a single
+    XLA program (one per device under a strategy), traced once.
+
+    Args:
+      learning_rate: float, scalar tensor/variable, a Keras 3 or tf-keras
+        `LearningRateSchedule` (called with `iterations`), or a zero-argument
+        callable returning the rate.
+      beta_1: decay of the first moment, in [0, 1).
+      beta_2: decay of the infinity norm, in [0, 1).
+      epsilon: added to the norm for stability, >= 0.
+      weight_decay: decoupled weight decay `w -= w * weight_decay * lr`
+        before the step (lazy mode: on the named rows only).
+      clipnorm: clip each gradient to this L2 norm.
+      clipvalue: clip each gradient element to [-clipvalue, clipvalue].
+      global_clipnorm: clip all gradients to this joint L2 norm.
+      use_ema: keep an exponential moving average of the weights.
+      ema_momentum: the EMA's momentum.
+      ema_overwrite_frequency: every this many steps, copy the EMA into the
+        weights; None copies only in `finalize_variable_values`.
+      loss_scale_factor: gradients are divided by it (the loss is multiplied
+        by it in `minimize` / `scale_loss`).
+      gradient_accumulation_steps: update every N calls with the mean of the
+        N gradients (as Keras 3: `iterations` counts calls). Sparse
+        gradients are accumulated densely.
+      sparse_mode: "exact" or "lazy", see above.
+      jit_compile: compile the update with XLA.
+      name: the module name.
+
+    Raises:
+      ValueError: for an invalid hyperparameter; the message names it.
+
+    Example:
+
+    >>> import tensorflow as tf, tf_adamax
+    >>> w = tf.Variable([1.0, 2.0])
+    >>> opt = tf_adamax.Adamax(learning_rate=0.1)
+    >>> _ = opt.minimize(lambda: tf.reduce_sum(w ** 2), [w])
+    >>> [round(float(x), 4) for x in w.numpy()]
+    [0.9, 1.9]
+
+    References:
+      Kingma & Ba, "Adam: A Method for Stochastic Optimization", 2014,
+      https://arxiv.org/abs/1412.6980 (section 7.1, AdaMax).
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.001,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-7,
+        weight_decay=None,
+        clipnorm=None,
+        clipvalue=None,
+        global_clipnorm=None,
+        use_ema=False,
+        ema_momentum=0.99,
+        ema_overwrite_frequency=None,
+        loss_scale_factor=None,
+        gradient_accumulation_steps=None,
+        sparse_mode="exact",
+        jit_compile=True,
+        name="adamax",
+    ):
+        _hyper.check_learning_rate(learning_rate)
+        _hyper.check_scalar("beta_1", beta_1, low=0.0, high=1.0)
+        _hyper.check_scalar("beta_2", beta_2, low=0.0, high=1.0)
+        _hyper.check_scalar("epsilon", epsilon, low=0.0, high=None,
+                            high_open=False)
+        _hyper.check_scalar("weight_decay", weight_decay, low=0.0, high=None,
+                            high_open=False, allow_none=True)
+        _hyper.check_clipping(clipnorm, clipvalue, global_clipnorm)
+        _hyper.check_scalar("ema_momentum", ema_momentum, low=0.0, high=1.0,
+                            high_open=False)
+        _hyper.check_scalar("loss_scale_factor", loss_scale_factor, low=0.0,
+                            low_open=True, high=None, allow_none=True)
+        _hyper.check_sparse_mode(sparse_mode)
+        ema_overwrite_frequency = _hyper.check_positive_int(
+            "ema_overwrite_frequency", ema_overwrite_frequency, 1)
+        gradient_accumulation_steps = _hyper.check_positive_int(
+            "gradient_accumulation_steps", gradient_accumulation_steps, 2)
+        if not isinstance(jit_compile, bool):
+            raise ValueError(
+                f"Invalid jit_compile: {jit_compile!r}. Pass True or False.")
+        super().__init__(name=name)
+
+        config = _step.StepConfig(
+            beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
+            weight_decay=weight_decay, clipnorm=clipnorm, clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            loss_scale_factor=loss_scale_factor,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            use_ema=bool(use_ema), ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency,
+            sparse_mode=sparse_mode,
+        )
+        self._jit_compile = jit_compile
+        # Plain Python state lives in an untracked holder: tf.Module would
+        # otherwise wrap tuples and functions as checkpoint dependencies.
+        self._fns = _Untracked(
+            config=config,
+            strategy=_distribute.current_strategy(),
+            update=tf.function(_step.apply_step, jit_compile=True,
+                               reduce_retracing=True)
+            if jit_compile else _step.apply_step,
+            warned_none=False,
+            exclude_ids=set(),
+            exclude_names=(),
+        )
+        self._iterations = _distribute.create_state(
+            self._strategy, 0, "iteration", tf.int64)
+        self._lr_source = None  # a schedule or callable, else None
+        self._learning_rate = None  # the variable holding a constant rate
+        self._set_lr(learning_rate)
+        self._slots = _slots.SlotTable()
+
+    # ------------------------------------------------------------------
+    # Hyperparameters
+    # ------------------------------------------------------------------
+    def _set_lr(self, learning_rate):
+        learning_rate = _hyper.check_learning_rate(learning_rate)
+        if isinstance(learning_rate, tf.Variable):
+            self._lr_source = None
+            self._learning_rate = learning_rate
+        elif _hyper.is_schedule(learning_rate) or callable(learning_rate):
+            self._lr_source = learning_rate
+        elif self._learning_rate is not None and not self._user_lr_var():
+            self._lr_source = None
+            self._learning_rate.assign(
+                _math.as_dtype(learning_rate, self._learning_rate.dtype))
+        else:
+            self._lr_source = None
+            self._learning_rate = _distribute.create_state(
+                self._strategy, _math.as_dtype(
+                    learning_rate,
+                    _distribute.state_float_dtype(self._strategy)),
+                "learning_rate",
+                _distribute.state_float_dtype(self._strategy))
+            self._owns_lr = True
+
+    def _user_lr_var(self):
+        return not getattr(self, "_owns_lr", False)
+
+    @property
+    def learning_rate(self):
+        """The learning rate of the next step (a scalar tensor)."""
+        return self._lr_at(self._iterations)
+
+    @learning_rate.setter
+    def learning_rate(self, value):
+        self._set_lr(value)
+
+    def _lr_at(self, iteration, lr_var=None):
+        if self._lr_source is not None:
+            if _hyper.is_schedule(self._lr_source):
+                return tf.convert_to_tensor(self._lr_source(iteration))
+            return tf.convert_to_tensor(self._lr_source())
+        var = self._learning_rate if lr_var is None else lr_var
+        return var.read_value() if isinstance(var, tf.Variable) else var
+
+    @property
+    def iterations(self):
+        """The number of `apply_gradients` calls so far (int64 variable)."""
+        return self._iterations
+
+    @property
+    def _config(self):
+        return self._fns.config
+
+    @property
+    def _strategy(self):
+        return self._fns.strategy
+
+    @property
+    def jit_compile(self):
+        return self._jit_compile
+
+    @property
+    def sparse_mode(self):
+        return self._config.sparse_mode
+
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        """Excludes variables (objects or name substrings) from weight decay.
+
+        Call before the first step, as in Keras.
+        """
+        for v in var_list or ():
+            self._fns.exclude_ids.add(_distribute.var_key(v))
+        self._fns.exclude_names = tuple(var_names or ())
+
+    def _decays(self, var):
+        if self._config.weight_decay is None:
+            return False
+        if _distribute.var_key(var) in self._fns.exclude_ids:
+            return False
+        name = _distribute.unwrap(var).name
+        return not any(n in name for n in self._fns.exclude_names)
+
+    # ------------------------------------------------------------------
+    # State
+    # ------------------------------------------------------------------
+    def get_slot_names(self):
+        """Names of the per-variable slots (checkpoint protocol)."""
+        names = ["momentum", "norm"]
+        if self._config.use_ema:
+            names.append("average")
+        if self._config.gradient_accumulation_steps:
+            names.append("accumulator")
+        return names
+
+    def get_slot(self, var, slot_name):
+        """The slot variable `slot_name` of `var`.
+
+        Raises:
+          KeyError: if `var` has no such slot (yet).
+        """
+        if slot_name not in self.get_slot_names():
+            raise KeyError(
+                f"Unknown slot {slot_name!r}; this optimizer has slots "
+                f"{self.get_slot_names()}.")
+        slot = self._slots.get(var, slot_name)
+        if slot is None:
+            raise KeyError(
+                f"Variable {_distribute.unwrap(var).name!r} has no slot "
+                f"{slot_name!r} yet: it is created by `build` or the first "
+                "`apply_gradients` that updates the variable.")
+        return slot
+
+    def _create_or_restore_slot_variable(self, slot_variable_position,
+                                         slot_name, variable,
+                                         slot_variable_shape=None):
+        """Checkpoint protocol: the slot to restore into, or None (deferred).
+
+        A slot that does not exist yet is restored when `build` creates it,
+        so restoring before the first step works.
+        """
+        del slot_variable_shape  # slots always have their variable's shape
+        slot = self._slots.get(variable, slot_name)
+        if slot is None:
+            self._slots.defer(variable, slot_name, slot_variable_position)
+        return slot
+
+    @property
+    def variables(self):
+        """All optimizer state: iterations, learning rate, every slot."""
+        state = [self._iterations]
+        if isinstance(self._learning_rate, tf.Variable) and not \
+                self._user_lr_var():
+            state.append(self._learning_rate)
+        return state + self._slots.variables
+
+    @property
+    def trainable_variables(self):
+        return []
+
+    def build(self, var_list):
+        """Creates the slots of every variable in `var_list` not yet built.
+
+        Variables seen for the first time later (unfrozen layers) are built
+        on their first `apply_gradients`.
+        """
+        var_list = list(var_list)
+        for var in var_list:
+            _check_variable(var)
+        for var in var_list:
+            if self._slots.has(var):
+                continue
+            _distribute.check_same_strategy(
+                self._strategy, var, _distribute.unwrap(var).name)
+        for var in var_list:
+            dtype = _math.compute_dtype(var.dtype)
+            for name in ("momentum", "norm"):
+                self._slots.create(self._strategy, var, name, dtype)
+            if self._config.use_ema:
+                self._slots.create(self._strategy, var, "average",
+                                   var.dtype)
+            if self._config.gradient_accumulation_steps:
+                self._slots.create(self._strategy, var, "accumulator", dtype)
+
+    def _states(self, variables):
+        return [
+            _step.VarState(
+                var=_distribute.unwrap(v),
+                momentum=self._slots.get(v, "momentum"),
+                norm=self._slots.get(v, "norm"),
+                average=self._slots.get(v, "average"),
+                accumulator=self._slots.get(v, "accumulator"),
+            )
+            for v in variables
+        ]
+
+    # ------------------------------------------------------------------
+    # Steps
+    # ------------------------------------------------------------------
+    def apply_gradients(self, grads_and_vars):
+        """Applies gradients to variables; returns `iterations`.
+
+        In a replica context (`strategy.run`) gradients are summed over
+        replicas once, then every variable is updated in the cross-replica
+        context. `None` gradients are skipped (one warning).
+
+        Args:
+          grads_and_vars: iterable of `(gradient, variable)`; gradients are
+            tensors or `tf.IndexedSlices`.
+
+        Returns:
+          The `iterations` variable.
+
+        Raises:
+          TypeError: a variable is not floating point.
+          ValueError: a gradient's shape does not match its variable's, or
+            no gradient is given.
+        """
+        grads, variables = self._filter(grads_and_vars)
+        for g, v in zip(grads, variables):
+            _check_pair(g, v)
+        self.build(variables)
+        return _distribute.merge(self._apply_cross_replica, grads, variables)
+
+    def _filter(self, grads_and_vars):
+        grads, variables, skipped = [], [], []
+        for g, v in grads_and_vars:
+            if g is None:
+                skipped.append(_distribute.unwrap(v).name)
+                continue
+            grads.append(g)
+            variables.append(v)
+        if skipped and not self._fns.warned_none:
+            self._fns.warned_none = True
+            warnings.warn(
+                f"Gradients do not exist for variables {skipped} when "
+                "applying Adamax; they are skipped. Check that the loss "
+                "depends on them.", UserWarning, stacklevel=3)
+        if not grads:
+            raise ValueError(
+                "No gradients provided for any variable"
+                + (f" (all of {skipped} were None)" if skipped else "")
+                + ". Check that the loss depends on the variables.")
+        return grads, variables
+
+    def _apply_cross_replica(self, strategy, grads, variables):
+        """Aggregates once, then updates each device's copy in one program."""
+        grads = _distribute.all_reduce(strategy, grads, variables)
+        checks = _index_checks(strategy, grads, variables)
+        groups, replicated = _distribute.plan(strategy, variables)
+        global_norm = None
+        if (self._config.global_clipnorm is not None and len(groups) > 1
+                and not replicated):
+            if self._config.gradient_accumulation_steps:
+                raise NotImplementedError(
+                    "global_clipnorm with gradient_accumulation_steps is not "
+                    "supported when variables are spread over several "
+                    "devices without replication (parameter servers).")
+            global_norm = _step.global_grad_norm(
+                self._config,
+                [_distribute.local(strategy, g)[0] for g in grads],
+                [_distribute.unwrap(v) for v in variables])
+        decays = [self._decays(v) for v in variables]
+        states = self._states(variables)
+        with tf.control_dependencies(checks):
+            for group in groups:
+                with tf.device(group.device):
+                    iteration = _distribute.component(
+                        strategy, self._iterations, group).read_value()
+                    lr = self._lr_at(iteration, _distribute.component(
+                        strategy, self._learning_rate, group)
+                        if isinstance(self._learning_rate, tf.Variable)
+                        else None)
+                    self._fns.update(
+                        self._config,
+                        [_component_state(strategy, states[i], group)
+                         for i in group.positions],
+                        [_distribute.component(strategy, grads[i], group)
+                         for i in group.positions],
+                        [decays[i] for i in group.positions],
+                        iteration, lr, global_norm)
+        self._iterations.assign_add(1)
+        return self._iterations
+
+    def minimize(self, loss, var_list, tape=None):
+        """Computes gradients of `loss` and applies them.
+
+        Args:
+          loss: a callable taking no arguments and returning the loss, or a
+            tensor (then `tape` must be the tape that recorded it).
+          var_list: variables to update, or a callable returning them.
+          tape: the `tf.GradientTape` for a tensor `loss`.
+
+        Returns:
+          The `iterations` variable.
+        """
+        if callable(var_list):
+            var_list = var_list()
+        if callable(loss):
+            with tf.GradientTape() as tape:
+                tape.watch([_distribute.unwrap(v) for v in var_list])
+                loss = self.scale_loss(loss())
+        elif tape is None:
+            raise ValueError(
+                "`tape` is required when `loss` is a tensor: pass the "
+                "tf.GradientTape that computed it, or pass `loss` as a "
+                "zero-argument callable.")
+        else:
+            with tape:
+                loss = self.scale_loss(loss)
+        grads = tape.gradient(loss, [_distribute.unwrap(v) for v in var_list])
+        return self.apply_gradients(zip(grads, var_list))
+
+    def scale_loss(self, loss):
+        """Multiplies `loss` by `loss_scale_factor` (if set)."""
+        if self._config.loss_scale_factor is None:
+            return loss
+        return loss * _math.as_dtype(self._config.loss_scale_factor,
+                                     loss.dtype)
+
+    def finalize_variable_values(self, var_list):
+        """With `use_ema`, sets each variable to its moving average."""
+        if not self._config.use_ema:
+            return
+        for var in var_list:
+            average = self._slots.get(var, "average")
+            if average is not None:
+                _distribute.unwrap(var).assign(average)
+
+    # ------------------------------------------------------------------
+    # Serialization
+    # ------------------------------------------------------------------
+    def get_config(self):
+        """Constructor arguments; schedules serialize via Keras when they
+        can."""
+        c = self._config
+        return {
+            "name": self.name,
+            "learning_rate": self._lr_config(),
+            "beta_1": _plain(c.beta_1),
+            "beta_2": _plain(c.beta_2),
+            "epsilon": _plain(c.epsilon),
+            "weight_decay": _plain(c.weight_decay),
+            "clipnorm": _plain(c.clipnorm),
+            "clipvalue": _plain(c.clipvalue),
+            "global_clipnorm": _plain(c.global_clipnorm),
+            "use_ema": c.use_ema,
+            "ema_momentum": _plain(c.ema_momentum),
+            "ema_overwrite_frequency": c.ema_overwrite_frequency,
+            "loss_scale_factor": _plain(c.loss_scale_factor),
+            "gradient_accumulation_steps": c.gradient_accumulation_steps,
+            "sparse_mode": c.sparse_mode,
+            "jit_compile": self._jit_compile,
+        }
+
+    def _lr_config(self):
+        if self._lr_source is None:
+            return float(self._learning_rate.numpy()) if tf.executing_eagerly() \
+                else self._learning_rate
+        return self._lr_source  # schedules/callables are passed as objects
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def _plain(value):
+    """A config value as a Python scalar when it is a constant."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    static = tf.get_static_value(value)
+    return float(static) if static is not None else value
+
+
+def _component_state(strategy, state, group):
+    return _step.VarState(*[
+        None if s is None else _distribute.component(strategy, s, group)
+        for s in state
+    ])
+
+
+def _name(var):
+    return _distribute.unwrap(var).name
+
+
+def _check_variable(var):
+    var = _distribute.unwrap(var)
+    if not hasattr(var, "dtype") or not hasattr(var, "assign"):
+        raise TypeError(
+            f"Expected a tf.Variable to update, got {type(var).__name__}: "
+            f"{var!r}.")
+    if not var.dtype.is_floating:
+        raise TypeError(
+            f"Variable {var.name!r} has dtype {var.dtype.name}; Adamax can "
+            "only update floating-point variables. Make it float32 (or "
+            "exclude it from the variables passed to the optimizer).")
+
+
+def _check_pair(grad, var):
+    """Static checks of one (gradient, variable) pair; raises naming var."""
+    _check_variable(var)
+    name = _name(var)
+    if isinstance(grad, tf.IndexedSlices):
+        values_shape = grad.values.shape
+        if not values_shape[1:].is_compatible_with(var.shape[1:]):
+            raise ValueError(
+                f"IndexedSlices gradient for variable {name!r} has rows of "
+                f"shape {values_shape[1:]}, but the variable's rows have "
+                f"shape {var.shape[1:]}: pass gradients in the same order as "
+                "their variables.")
+        if grad.indices.shape.rank not in (None, 1):
+            raise ValueError(
+                f"IndexedSlices gradient for variable {name!r} has indices "
+                f"of shape {grad.indices.shape}; expected a vector.")
+        values_dtype = grad.values.dtype
+    else:
+        grad = tf.convert_to_tensor(grad) if not tf.is_tensor(grad) else grad
+        if not grad.shape.is_compatible_with(var.shape):
+            raise ValueError(
+                f"Gradient for variable {name!r} has shape {grad.shape}, but "
+                f"the variable has shape {var.shape}: pass gradients in the "
+                "same order as their variables.")
+        values_dtype = grad.dtype
+    if not values_dtype.is_floating:
+        raise TypeError(
+            f"Gradient for variable {name!r} has dtype {values_dtype.name}; "
+            "expected a floating-point gradient.")
+
+
+def _index_checks(strategy, grads, variables):
+    """Assert ops: every sparse index lies in [0, rows of its variable).
+
+    Raise eagerly and in graphs before any state changes. Inside a user's
+    XLA-compiled function asserts cannot run; there an out-of-range row is
+    dropped by the scatters (never clamped onto another row).
+    """
+    checks = []
+    for g, v in zip(grads, variables):
+        g = _distribute.local(strategy, g)[0]
+        if not isinstance(g, tf.IndexedSlices):
+            continue
+        rows = tf.cast(tf.shape(_distribute.unwrap(v))[0], g.indices.dtype)
+        ok = tf.reduce_all((g.indices >= 0) & (g.indices < rows))
+        checks.append(tf.debugging.Assert(ok, [
+            f"IndexedSlices gradient for variable {_name(v)!r} has indices "
+            "out of range [0, rows):", rows, "indices:", g.indices],
+            summarize=20))
+    return checks

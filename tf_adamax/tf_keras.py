@@ -1,0 +1,242 @@
+"""Adamax for tf-keras (Keras 2, `tf_keras.Model.compile`), on the tf_adamax kernels.
+
+This module imports tf-keras (`import tf_keras`) and nothing of Keras 3. It
+serves Keras 2 code and `TF_USE_LEGACY_KERAS=1` users. The Adamax math lives
+in `tf_adamax._math`; this adapter only translates tf-keras's (non-legacy)
+optimizer protocol (`build` / `update_step`) to it. Learning-rate schedules,
+clipping, weight decay, EMA, mixed-precision loss scaling and
+`tf.distribute` are tf-keras's own base-class machinery.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+import tf_keras
+
+from tf_adamax import _hyper
+from tf_adamax import _math
+
+__all__ = ["Adamax"]
+
+
+def _sum_duplicate_rows(slices):
+    """An IndexedSlices whose densified value equals `slices`', without repeats.
+
+    Each distinct index keeps its summed row once (the other copies become
+    zero rows), with a static shape. tf-keras clips the `values` of an
+    IndexedSlices row by row before it deduplicates them, so without this a
+    repeated token would be clipped per copy instead of once, as the
+    densified gradient is.
+    """
+    indices, sums, _, is_first = _math.sum_duplicates(
+        slices.indices, slices.values)
+    mask = tf.reshape(tf.cast(is_first, sums.dtype),
+                      [-1] + [1] * (sums.shape.rank - 1))
+    return tf.IndexedSlices(sums * mask, indices, slices.dense_shape)
+
+
+@tf_keras.saving.register_keras_serializable(package="tf_adamax")
+class Adamax(tf_keras.optimizers.Optimizer):
+    """Adamax (Kingma & Ba 2014, section 7.1) for tf-keras, with a lazy sparse mode.
+
+    A drop-in replacement for `tf_keras.optimizers.Adamax` (same arguments,
+    defaults, slot names and checkpoint layout) that runs the shared
+    `tf_adamax` kernels.
+
+    Update rule, for a variable `w` with gradient `g` and step
+    `t = iterations + 1` (slots kept in float32 for float16/bfloat16
+    variables):
+
+    ```
+    m = beta_1 * m + (1 - beta_1) * g
+    u = max(beta_2 * u, |g|)
+    w = w - learning_rate * m / ((1 - beta_1 ** t) * (u + epsilon))
+    ```
+
+    `epsilon` is added outside the max, as in Keras; PyTorch and optax put
+    it inside (`max(beta_2 * u, |g| + eps)`) with a default of 1e-8.
+
+    Sparse gradients (`tf.IndexedSlices`, e.g. from `tf_keras.layers.Embedding`)
+    have their duplicate indices summed before `|g|` and the max (`max` is
+    not linear: `+g` and `-g` for one token must give `|g - g| = 0`). Then:
+
+    * `sparse_mode="exact"` (default): the update equals applying the
+      densified gradient -- rows not in the batch still decay `m` and `u`
+      and move, exactly as with a dense zero gradient.
+    * `sparse_mode="lazy"`: only the rows in the batch change (their update
+      is exactly the dense update of those rows, with the global step `t`);
+      every other row of the variable and its slots is left untouched. Cost
+      is O(rows in the batch), independent of the vocabulary size.
+
+    Clipping of a sparse gradient sees each repeated index once, as for the
+    densified gradient.
+
+    Args:
+      learning_rate: A float, a
+        `tf_keras.optimizers.schedules.LearningRateSchedule`, or a
+        zero-argument callable returning the learning rate.
+      beta_1: Decay rate of the first moment `m`, in [0, 1).
+      beta_2: Decay rate of the infinity norm `u`, in [0, 1).
+      epsilon: Small constant added to `u` for numerical stability, >= 0.
+      weight_decay: If set, decoupled weight decay `w -= w * weight_decay * lr`
+        before the step (see `exclude_from_weight_decay`).
+      clipnorm: If set, each gradient is clipped to this L2 norm.
+      clipvalue: If set, each gradient is clipped elementwise to
+        `[-clipvalue, clipvalue]`.
+      global_clipnorm: If set, all gradients are clipped together to this
+        global L2 norm.
+      use_ema: Whether to keep an exponential moving average of the weights.
+      ema_momentum: Momentum of the weight EMA.
+      ema_overwrite_frequency: If set with `use_ema`, overwrite the weights
+        with their EMA every this many steps.
+      jit_compile: Compile each variable's update with XLA. As in tf-keras,
+        this only takes effect when a GPU is present (`model.compile(
+        jit_compile=True)` compiles the whole train step regardless).
+      name: Name of the optimizer.
+      sparse_mode: `"exact"` or `"lazy"`, see above.
+      **kwargs: Other `tf_keras.optimizers.Optimizer` arguments; unknown
+        names raise, as in tf-keras.
+
+    Raises:
+      ValueError: For an unknown `sparse_mode` or an out-of-range
+        `beta_1`, `beta_2` or `epsilon` (and for whatever tf-keras rejects).
+
+    Example:
+
+    >>> import numpy as np, tf_keras
+    >>> import tf_adamax.tf_keras
+    >>> model = tf_keras.Sequential([tf_keras.layers.Dense(1, input_shape=(4,))])
+    >>> model.compile(optimizer=tf_adamax.tf_keras.Adamax(1e-2), loss="mse")
+    >>> history = model.fit(np.ones((8, 4)), np.ones((8, 1)), verbose=0)
+
+    References:
+      Kingma & Ba, "Adam: A Method for Stochastic Optimization", 2014,
+      section 7.1. https://arxiv.org/abs/1412.6980
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.001,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-7,
+        weight_decay=None,
+        clipnorm=None,
+        clipvalue=None,
+        global_clipnorm=None,
+        use_ema=False,
+        ema_momentum=0.99,
+        ema_overwrite_frequency=None,
+        jit_compile=True,
+        name="Adamax",
+        sparse_mode="exact",
+        **kwargs,
+    ):
+        # Validate before any variable exists: a typo leaves nothing behind.
+        _hyper.check_sparse_mode(sparse_mode)
+        _hyper.check_scalar("beta_1", beta_1, low=0.0, high=1.0)
+        _hyper.check_scalar("beta_2", beta_2, low=0.0, high=1.0)
+        _hyper.check_scalar("epsilon", epsilon, low=0.0, high=None,
+                            high_open=False)
+        super().__init__(
+            name=name,
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            use_ema=use_ema,
+            ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency,
+            jit_compile=jit_compile,
+            **kwargs,
+        )
+        self._learning_rate = self._build_learning_rate(learning_rate)
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.sparse_mode = sparse_mode
+
+    def build(self, var_list):
+        """Creates the slots `m` and `u` of each variable.
+
+        Slots are float32 for float16/bfloat16 variables. They are created in
+        the same order and under the same names (`_m`, `_u`; `m/...`,
+        `u/...`) as `tf_keras.optimizers.Adamax`'s, so its checkpoints and
+        saved models restore here.
+
+        Args:
+          var_list: the model variables this optimizer will update.
+        """
+        super().build(var_list)
+        if getattr(self, "_built", False):
+            return
+        self._built = True
+        self._m, self._u = [], []
+        for variable in var_list:
+            self._m.append(self._add_slot(variable, "m"))
+            self._u.append(self._add_slot(variable, "u"))
+
+    def _add_slot(self, variable, slot_name):
+        # Under a mixed precision policy, variables report their cast dtype.
+        true_dtype = getattr(variable, "true_dtype", variable.dtype)
+        dtype = _math.compute_dtype(true_dtype)
+        if dtype == true_dtype:
+            return self.add_variable_from_reference(variable, slot_name)
+        # add_variable_from_reference copies the variable's dtype; half
+        # precision needs float32 slots, so repeat its naming and placement.
+        strategy = tf.distribute.get_strategy()
+        with strategy.extended.colocate_vars_with(variable):
+            return self.add_variable(
+                shape=variable.shape, dtype=dtype, initializer="zeros",
+                name=f"{slot_name}/{variable.name.split(':')[0]}")
+
+    def update_step(self, gradient, variable):
+        """Applies one gradient to one variable with the tf_adamax kernels.
+
+        tf-keras calls this per variable after aggregation, clipping,
+        deduplication of sparse indices and weight decay, so the kernels
+        run without weight decay of their own.
+
+        Args:
+          gradient: a dense tensor or a `tf.IndexedSlices`.
+          variable: the model variable.
+        """
+        index = self._index_dict[self._var_key(variable)]
+        m, u = self._m[index], self._u[index]
+        hyper = _math.Hyper(
+            learning_rate=self.learning_rate,
+            beta_1=self.beta_1,
+            beta_2=self.beta_2,
+            epsilon=self.epsilon,
+            step=self.iterations + 1,
+            weight_decay=None,  # tf-keras applied it before this call
+        )
+        if isinstance(gradient, tf.IndexedSlices):
+            sparse_step = (_math.lazy_sparse_step if self.sparse_mode == "lazy"
+                           else _math.exact_sparse_step)
+            return sparse_step(variable, m, u, gradient.indices,
+                               gradient.values, hyper)
+        return _math.dense_step(variable, m, u, gradient, hyper)
+
+    def _clip_gradients(self, grads):
+        # tf-keras's hook between gradient aggregation and clipping (private,
+        # but the only point where aggregated sparse gradients can be
+        # prepared before tf-keras clips their rows one by one).
+        if (self.clipnorm is not None or self.clipvalue is not None
+                or self.global_clipnorm is not None):
+            grads = [_sum_duplicate_rows(g) if isinstance(g, tf.IndexedSlices)
+                     else g for g in grads]
+        return super()._clip_gradients(grads)
+
+    def get_config(self):
+        """Returns every constructor argument (serializable)."""
+        config = super().get_config()
+        config.update({
+            "learning_rate": self._serialize_hyperparameter(
+                self._learning_rate),
+            "beta_1": self.beta_1,
+            "beta_2": self.beta_2,
+            "epsilon": self.epsilon,
+            "sparse_mode": self.sparse_mode,
+        })
+        return config
