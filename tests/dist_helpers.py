@@ -109,40 +109,25 @@ def initial_values(seed=1):
 
 
 # --------------------------------------------------------------------------------------
-# NumPy float64 Adamax (dense, exact sparse, lazy sparse), written from DESIGN.md.
+# NumPy float64 oracle: the test suite's reference implementation (tests/reference.py).
 # --------------------------------------------------------------------------------------
-def numpy_adamax(init, grads_per_step, sparse_mode, lr=LEARNING_RATE, beta_1=BETA_1,
-                 beta_2=BETA_2, epsilon=EPSILON):
-    """Runs Adamax in float64 over `grads_per_step` ([{name: grad}] per step).
+def numpy_adamax(init, grads_per_step, sparse_mode):
+    """Runs `reference.AdamaxReference` over `grads_per_step` ([{name: grad}] per step).
 
     A grad is a dense array or an ``(indices, values)`` pair (IndexedSlices, duplicates
     allowed). Returns ``(weights, {"momentum": m, "norm": u})`` keyed by name.
     """
-    w = {k: np.array(v, np.float64) for k, v in init.items()}
-    m = {k: np.zeros_like(v) for k, v in w.items()}
-    u = {k: np.zeros_like(v) for k, v in w.items()}
+    import reference
 
-    def dense_step(wk, mk, uk, g, t):
-        mk = beta_1 * mk + (1 - beta_1) * g
-        uk = np.maximum(beta_2 * uk, np.abs(g))
-        wk = wk - lr * mk / ((1 - beta_1 ** t) * (uk + epsilon))
-        return wk, mk, uk
-
-    for t, grads in enumerate(grads_per_step, start=1):
-        for k, g in grads.items():
-            if isinstance(g, tuple):
-                idx, vals = np.asarray(g[0]), np.asarray(g[1], np.float64)
-                rows, where = np.unique(idx, return_inverse=True)
-                summed = np.zeros((len(rows),) + w[k].shape[1:])
-                np.add.at(summed, where, vals)  # duplicates summed before |g| and max
-                if sparse_mode == "lazy":
-                    w[k][rows], m[k][rows], u[k][rows] = dense_step(
-                        w[k][rows], m[k][rows], u[k][rows], summed, t)
-                    continue
-                g = np.zeros_like(w[k])
-                g[rows] = summed
-            w[k], m[k], u[k] = dense_step(w[k], m[k], u[k], np.asarray(g, np.float64), t)
-    return w, {"momentum": m, "norm": u}
+    mode = "exact" if sparse_mode == "dense" else sparse_mode
+    ref = reference.AdamaxReference(learning_rate=LEARNING_RATE, beta_1=BETA_1,
+                                    beta_2=BETA_2, epsilon=EPSILON, sparse_mode=mode)
+    for name, value in init.items():
+        ref.add_variable(name, value, np.float32)
+    for grads in grads_per_step:
+        ref.apply({k: reference.SparseGrad(*g) if isinstance(g, tuple) else g
+                   for k, g in grads.items()})
+    return dict(ref.w), {"momentum": dict(ref.m), "norm": dict(ref.u)}
 
 
 # --------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Everything strategy-specific is here, so the optimizer reads the same with and
 without a strategy. Public APIs are used throughout except in `var_key`, which
-needs the private `_distributed_container` (see there).
+needs a private attribute, isolated in `_private`.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import typing
 
 import tensorflow as tf
+
+from tf_adamax import _private
 
 
 def unwrap(var):
@@ -27,19 +29,11 @@ def unwrap(var):
 
 
 def var_key(var):
-    """A hashable key naming a model variable, the same for all its views.
-
-    Inside `strategy.extended.update` and in replica context TF hands out the
-    per-device component of a mirrored variable; the slot table is keyed by
-    the distributed container. TF exposes the container only through the
-    private `_distributed_container` (as tf-keras's `_var_key` does); this is
-    the one place the library relies on it.
-    """
+    """A hashable key naming a model variable, the same for all its views
+    (a mirrored variable and each of its per-device components)."""
     var = unwrap(var)
-    container = getattr(var, "_distributed_container", None)
-    if container is not None:
-        var = container()
-    return var.ref()
+    container = _private.distributed_container(var)
+    return (var if container is None else container).ref()
 
 
 def current_strategy():

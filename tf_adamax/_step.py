@@ -180,6 +180,7 @@ def _update(config, states, grads, decays, step, learning_rate):
     return tf.group(*ops)
 
 
+@tf.autograph.experimental.do_not_convert
 def apply_step(config: StepConfig, states, grads, decays, iteration,
                learning_rate, global_norm=None):
     """Applies one optimizer step to `states` (not incrementing iterations).

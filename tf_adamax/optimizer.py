@@ -14,6 +14,7 @@ import tensorflow as tf
 from tf_adamax import _distribute
 from tf_adamax import _hyper
 from tf_adamax import _math
+from tf_adamax import _private
 from tf_adamax import _slots
 from tf_adamax import _step
 
@@ -316,14 +317,20 @@ class Adamax(tf.Module):
             _distribute.check_same_strategy(
                 self._strategy, var, _distribute.unwrap(var).name)
         for var in var_list:
-            dtype = _math.compute_dtype(var.dtype)
-            for name in ("momentum", "norm"):
-                self._slots.create(self._strategy, var, name, dtype)
-            if self._config.use_ema:
-                self._slots.create(self._strategy, var, "average",
-                                   var.dtype)
-            if self._config.gradient_accumulation_steps:
-                self._slots.create(self._strategy, var, "accumulator", dtype)
+            for name in self.get_slot_names():
+                self.add_slot(var, name)
+
+    def add_slot(self, var, slot_name):
+        """Creates (or returns) slot `slot_name` of `var`.
+
+        `build` calls it; so does `tf.saved_model.load` when it revives the
+        optimizer's slots.
+        """
+        # The EMA holds weights: the variable's dtype. The moments and the
+        # gradient accumulator: float32 for float16/bfloat16 variables.
+        dtype = var.dtype if slot_name == "average" else \
+            _math.compute_dtype(var.dtype)
+        return self._slots.create(self._strategy, var, slot_name, dtype)
 
     def _states(self, variables):
         return [
@@ -340,6 +347,7 @@ class Adamax(tf.Module):
     # ------------------------------------------------------------------
     # Steps
     # ------------------------------------------------------------------
+    @tf.autograph.experimental.do_not_convert
     def apply_gradients(self, grads_and_vars):
         """Applies gradients to variables; returns `iterations`.
 
@@ -362,7 +370,9 @@ class Adamax(tf.Module):
         grads, variables = self._filter(grads_and_vars)
         for g, v in zip(grads, variables):
             _check_pair(g, v)
-        self.build(variables)
+        for v in variables:
+            if not self._slots.has(v):
+                _distribute.check_same_strategy(self._strategy, v, _name(v))
         return _distribute.merge(self._apply_cross_replica, grads, variables)
 
     def _filter(self, grads_and_vars):
@@ -386,8 +396,12 @@ class Adamax(tf.Module):
                 + ". Check that the loss depends on the variables.")
         return grads, variables
 
+    @tf.autograph.experimental.do_not_convert
     def _apply_cross_replica(self, strategy, grads, variables):
         """Aggregates once, then updates each device's copy in one program."""
+        # Slots are created here: variables can only be created in the
+        # cross-replica context.
+        self.build(variables)
         grads = _distribute.all_reduce(strategy, grads, variables)
         checks = _index_checks(strategy, grads, variables)
         groups, replicated = _distribute.plan(strategy, variables)
@@ -504,7 +518,17 @@ class Adamax(tf.Module):
 
     @classmethod
     def from_config(cls, config):
+        """Creates an optimizer from `get_config()` output."""
         return cls(**config)
+
+    @classmethod
+    def _deserialize_from_proto(cls, **kwargs):
+        # SavedModel revival: state variables are reattached by the loader.
+        del kwargs
+        return cls()
+
+
+_private.register_for_saved_model(Adamax)
 
 
 def _plain(value):

@@ -1,0 +1,156 @@
+"""Every hyperparameter form and keyword argument against the reference."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+
+from conftest import (AdamaxReference, assert_allclose_according_to_type,
+                      check_against_reference, make_optimizer, make_step, to_numpy)
+
+SHAPES = ((5, 3), (4,))
+STEPS = 7
+
+
+def _vars(rng):
+    init = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
+    return [tf.Variable(x) for x in init], init
+
+
+def _grads(rng):
+    return [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
+
+
+def _f32(x):
+    return float(np.float32(x))
+
+
+def _exp_decay(step, initial=0.02, decay_steps=2, rate=0.5):
+    return initial * rate ** (step / decay_steps)
+
+
+def _lr_form(form):
+    """(optimizer kwargs, reference kwargs, per-step hook) for a form."""
+    if form == "float":
+        return dict(learning_rate=0.02), dict(learning_rate=0.02), None
+    if form == "keras3_schedule":
+        sched = keras.optimizers.schedules.ExponentialDecay(0.02, 2, 0.5)
+        return dict(learning_rate=sched), dict(learning_rate=_exp_decay), None
+    if form == "tf_keras_schedule":
+        sched = tf_keras.optimizers.schedules.ExponentialDecay(0.02, 2, 0.5)
+        return dict(learning_rate=sched), dict(learning_rate=_exp_decay), None
+    if form == "callable":
+        # A zero-argument callable must be re-evaluated at every step.
+        values = [0.03 / (k + 1) for k in range(STEPS)]
+        lr_var = tf.Variable(values[0])
+
+        def hook(step):
+            lr_var.assign(values[step])
+
+        return (dict(learning_rate=lambda: lr_var),
+                dict(learning_rate=lambda step: _f32(values[step])), hook)
+    if form == "tensors":
+        opt_kw = dict(learning_rate=tf.constant(0.02), beta_1=tf.constant(0.8),
+                      beta_2=tf.constant(0.99), epsilon=tf.constant(1e-3))
+        ref_kw = {k: _f32(v.numpy()) for k, v in opt_kw.items()}
+        return opt_kw, ref_kw, None
+    raise AssertionError(form)
+
+
+@pytest.mark.parametrize("mode", ("function", "jit"))
+@pytest.mark.parametrize("form", ("float", "keras3_schedule", "tf_keras_schedule",
+                                  "callable", "tensors"))
+def test_learning_rate_and_hyperparameter_forms(form, mode, rng):
+    opt_kw, ref_kw, hook = _lr_form(form)
+    variables, init = _vars(rng)
+    opt = make_optimizer(mode, **opt_kw)
+    step = make_step(opt, mode, variables)
+    ref = AdamaxReference(**ref_kw)
+    for i, x in enumerate(init):
+        ref.add_variable(i, x, np.float32)
+    for k in range(STEPS):
+        if hook:
+            hook(k)
+        np.testing.assert_allclose(to_numpy(opt.learning_rate),
+                                   ref.current_learning_rate, rtol=1e-6,
+                                   err_msg=f"learning_rate before step {k}")
+        grads = _grads(rng)
+        step([tf.constant(g) for g in grads])
+        ref.apply(dict(enumerate(grads)))
+        check_against_reference(opt, variables, ref, [0, 1], err_msg=f"step {k}")
+
+
+KWARGS = {
+    "betas_eps": dict(beta_1=0.5, beta_2=0.9, epsilon=1e-3),
+    "beta_1_zero": dict(beta_1=0.0, beta_2=0.0, epsilon=0.0),
+    "weight_decay": dict(weight_decay=0.05),
+    "weight_decay_schedule": dict(weight_decay=0.05, learning_rate="schedule"),
+    "clipnorm": dict(clipnorm=0.8),
+    "clipvalue": dict(clipvalue=0.3),
+    "global_clipnorm": dict(global_clipnorm=1.1),
+    "loss_scale_factor": dict(loss_scale_factor=8.0),
+    "accumulation": dict(gradient_accumulation_steps=3, learning_rate="schedule"),
+    "ema": dict(use_ema=True, ema_momentum=0.9),
+    "ema_overwrite": dict(use_ema=True, ema_momentum=0.7, ema_overwrite_frequency=3),
+}
+# Conditional logic (accumulation, EMA overwrite) also runs in a user graph.
+GRAPH_SENSITIVE = ("accumulation", "ema_overwrite")
+
+
+def _kwargs_cases():
+    for name in KWARGS:
+        modes = ("eager", "function", "jit") if name in GRAPH_SENSITIVE else (
+            "eager", "jit")
+        for mode in modes:
+            yield pytest.param(name, mode, id=f"{name}-{mode}")
+
+
+@pytest.mark.parametrize("name,mode", list(_kwargs_cases()))
+def test_keyword_arguments_match_reference(name, mode, rng):
+    kwargs = dict(KWARGS[name])
+    opt_kw, ref_kw = dict(kwargs), dict(kwargs)
+    opt_kw.setdefault("learning_rate", 0.02)
+    ref_kw.setdefault("learning_rate", 0.02)
+    if kwargs.get("learning_rate") == "schedule":
+        opt_kw["learning_rate"] = keras.optimizers.schedules.ExponentialDecay(
+            0.02, 2, 0.5)
+        ref_kw["learning_rate"] = _exp_decay
+    variables, init = _vars(rng)
+    opt = make_optimizer(mode, **opt_kw)
+    step = make_step(opt, mode, variables)
+    ref = AdamaxReference(**ref_kw)
+    for i, x in enumerate(init):
+        ref.add_variable(i, x, np.float32)
+    for k in range(STEPS):
+        grads = _grads(rng)
+        if name == "beta_1_zero" and k == 2:
+            grads[0][0] = 0.0  # u = 0 and g = 0 with epsilon = 0: no NaN
+        step([tf.constant(g) for g in grads])
+        ref.apply(dict(enumerate(grads)))
+        check_against_reference(opt, variables, ref, [0, 1], err_msg=f"step {k}")
+        assert int(opt.iterations.numpy()) == k + 1
+    if opt_kw.get("use_ema"):
+        opt.finalize_variable_values(variables)
+        ref.finalize_variable_values()
+        for i, var in enumerate(variables):
+            assert_allclose_according_to_type(var, ref.w[i], "float32",
+                                              err_msg="after finalize")
+        # finalize really swapped something in: averages != raw weights here.
+        assert not np.allclose(ref.w[0], ref.average[0] * 0 + to_numpy(
+            variables[0]) + 1.0)
+
+
+def test_finalize_without_ema_is_a_no_op(rng):
+    variables, _ = _vars(rng)
+    opt = make_optimizer("eager", learning_rate=0.02)
+    opt.apply_gradients(zip([tf.constant(g) for g in _grads(rng)], variables))
+    before = [v.numpy().copy() for v in variables]
+    opt.finalize_variable_values(variables)
+    for v, b in zip(variables, before):
+        np.testing.assert_array_equal(v.numpy(), b)
+
+
+def test_boundary_hyperparameters_are_accepted():
+    # lr = 0, beta = 0, epsilon = 0 are all inside the documented domains.
+    make_optimizer("eager", learning_rate=0.0, beta_1=0.0, beta_2=0.0, epsilon=0.0)

@@ -1,0 +1,637 @@
+"""`tf_adamax.keras.Adamax`: the Keras 3 adapter, through `compile` / `fit`.
+
+Oracles: `keras.optimizers.Adamax` where it is right (dense gradients, and all
+of Keras 3's base-class features), the NumPy float64 `reference.AdamaxReference`
+where it is not (sparse gradients that repeat an index).
+"""
+
+import inspect
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_adamax.keras
+from reference import AdamaxReference, SparseGrad
+
+Adamax = tf_adamax.keras.Adamax
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# compile() modes: eager, graph (tf.function), XLA.
+RUN_MODES = {
+    "eager": dict(run_eagerly=True, jit_compile=False),
+    "graph": dict(run_eagerly=False, jit_compile=False),
+    "jit": dict(run_eagerly=False, jit_compile=True),
+}
+
+
+def child_env():
+    """Environment for a child Python that imports this checkout."""
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+            "PYTHONPATH": REPO_ROOT + (os.pathsep + path if path else "")}
+
+
+# ----------------------------------------------------------------------------
+# Dense model: identical to keras.optimizers.Adamax.
+# ----------------------------------------------------------------------------
+def dense_data(n=80):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(n, 5)).astype("float32")
+    y = (np.sin(x[:, :1]) + 0.1 * x[:, 1:2]).astype("float32")
+    return x, y
+
+
+def dense_model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((5,)),
+        keras.layers.Dense(8, activation="tanh", name="hidden"),
+        keras.layers.Dense(1, name="out"),
+    ])
+
+
+def fit_dense(optimizer, mode="graph", epochs=1, callbacks=(), n=80,
+              batch_size=4):
+    model = dense_model()
+    model.compile(optimizer=optimizer, loss="mse", **RUN_MODES[mode])
+    x, y = dense_data(n)
+    history = model.fit(x, y, batch_size=batch_size, epochs=epochs,
+                        shuffle=False, verbose=0, callbacks=list(callbacks))
+    return model, history
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    assert len(a.weights) == len(b.weights)
+    for wa, wb in zip(a.weights, b.weights):
+        np.testing.assert_allclose(wa.numpy(), wb.numpy(), rtol=0, atol=atol,
+                                   err_msg=wa.path)
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+def test_dense_fit_matches_keras_adamax(mode):
+    # 80 samples / batch 4 = 20 steps.
+    ours, _ = fit_dense(Adamax(learning_rate=0.01), mode)
+    theirs, _ = fit_dense(keras.optimizers.Adamax(learning_rate=0.01), mode)
+    assert int(ours.optimizer.iterations.numpy()) == 20
+    assert_same_weights(ours, theirs)
+    # Slots: same values, same order as Keras's (drop-in checkpoints).
+    for va, vb in zip(ours.optimizer.variables, theirs.optimizer.variables):
+        np.testing.assert_allclose(va.numpy(), vb.numpy(), atol=1e-6,
+                                   err_msg=va.path)
+    moved = [not np.allclose(w.numpy(), w0.numpy())
+             for w, w0 in zip(ours.weights, dense_model().weights)]
+    assert all(moved)
+
+
+def halve_lr(epoch, lr):
+    return lr * 0.5
+
+
+# Everything Keras 3's base class does around update_step must keep working.
+FEATURES = {
+    "schedule": dict(learning_rate=keras.optimizers.schedules.ExponentialDecay(
+        0.05, decay_steps=4, decay_rate=0.5)),
+    "callable_lr": dict(learning_rate=lambda: 0.02),
+    "weight_decay_exclude": dict(weight_decay=0.5, learning_rate=0.05),
+    "clipnorm": dict(clipnorm=0.05),
+    "clipvalue": dict(clipvalue=0.01),
+    "global_clipnorm": dict(global_clipnorm=0.05),
+    "ema": dict(use_ema=True, ema_momentum=0.9, ema_overwrite_frequency=3),
+    "gradient_accumulation": dict(gradient_accumulation_steps=3,
+                                  learning_rate=0.05),
+    "loss_scale_factor": dict(loss_scale_factor=64.0),
+    "lr_callback": dict(learning_rate=0.05),
+}
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_keras_features_match_keras_adamax(feature):
+    def make(cls):
+        opt = cls(**FEATURES[feature])
+        if feature == "weight_decay_exclude":
+            opt.exclude_from_weight_decay(var_names=["bias"])
+        return opt
+
+    def callbacks():
+        if feature == "lr_callback":
+            return [keras.callbacks.LearningRateScheduler(halve_lr)]
+        return []
+
+    epochs = 3 if feature == "lr_callback" else 1
+    ours, _ = fit_dense(make(Adamax), epochs=epochs, callbacks=callbacks(),
+                        n=40)
+    theirs, _ = fit_dense(make(keras.optimizers.Adamax), epochs=epochs,
+                          callbacks=callbacks(), n=40)
+    assert_same_weights(ours, theirs)
+    if feature == "lr_callback":
+        # The callback read and set the learning rate each epoch.
+        np.testing.assert_allclose(float(ours.optimizer.learning_rate),
+                                   0.05 / 8, rtol=1e-6)
+    if feature == "weight_decay_exclude":
+        # Decay applied to kernels only: without the exclusion biases differ.
+        plain = make(Adamax)
+        plain_model, _ = fit_dense(Adamax(weight_decay=0.5, learning_rate=0.05),
+                                   n=40)
+        bias = ours.get_layer("out").bias.numpy()
+        assert not np.allclose(bias, plain_model.get_layer("out").bias.numpy())
+        del plain
+
+
+# ----------------------------------------------------------------------------
+# Embedding with repeated tokens of opposite gradient sign: the bug we fix.
+# ----------------------------------------------------------------------------
+VOCAB, DIM, TOKENS, BATCH, STEPS = 8, 3, 3, 4, 12
+EMB_LR = 0.05
+
+
+def embedding_batches():
+    """Token ids and per-token loss coefficients (the gradients, up to 1/B).
+
+    Token 0 and 1 of every example are the same id, with coefficients of
+    opposite sign (partial cancellation). Rows 6 and 7 never occur; others
+    are missing from some batches, which tells exact from lazy. All values
+    are multiples of 1/16 and BATCH a power of two: float32 sums are exact.
+    """
+    rng = np.random.default_rng(7)
+    n = BATCH * STEPS
+    ids = rng.integers(0, VOCAB - 2, size=(n, TOKENS))
+    ids[:, 1] = ids[:, 0]
+    coef = rng.integers(-8, 9, size=(n, TOKENS, DIM)) / 8.0
+    coef[:, 0] = np.where(coef[:, 0] == 0, 0.5, coef[:, 0])
+    coef[:, 1] = -0.5 * coef[:, 0]
+    return ids.astype("int32"), coef.astype("float32")
+
+
+def linear_token_loss(y_true, y_pred):
+    # d loss / d embedding[id] = sum of the coefficients of id's occurrences.
+    return keras.ops.sum(y_true * y_pred, axis=(1, 2))
+
+
+def embedding_init():
+    rng = np.random.default_rng(3)
+    return rng.normal(size=(VOCAB, DIM)).astype("float32")
+
+
+def fit_embedding(optimizer, mode):
+    model = keras.Sequential([
+        keras.Input((TOKENS,), dtype="int32"),
+        keras.layers.Embedding(VOCAB, DIM, name="emb"),
+    ])
+    model.set_weights([embedding_init()])
+    model.compile(optimizer=optimizer, loss=linear_token_loss,
+                  **RUN_MODES[mode])
+    ids, coef = embedding_batches()
+    model.fit(ids, coef, batch_size=BATCH, shuffle=False, verbose=0)
+    return model
+
+
+def embedding_reference(sparse_mode):
+    ref = AdamaxReference(learning_rate=EMB_LR, sparse_mode=sparse_mode)
+    ref.add_variable("emb", embedding_init(), np.float32)
+    ids, coef = embedding_batches()
+    for s in range(STEPS):
+        batch = slice(s * BATCH, (s + 1) * BATCH)
+        # Keras averages the per-example loss over the batch.
+        ref.apply({"emb": SparseGrad(ids[batch].ravel(),
+                                     coef[batch].reshape(-1, DIM) / BATCH)})
+    return ref
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+@pytest.mark.parametrize("sparse_mode", ["exact", "lazy"])
+def test_embedding_duplicates_match_reference(sparse_mode, mode):
+    opt = Adamax(learning_rate=EMB_LR, sparse_mode=sparse_mode)
+    model = fit_embedding(opt, mode)
+    ref = embedding_reference(sparse_mode)
+    emb = model.get_layer("emb").embeddings
+    np.testing.assert_allclose(emb.numpy(), ref.w["emb"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(opt._m[0].numpy(), ref.m["emb"], rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(opt._u[0].numpy(), ref.u["emb"], rtol=1e-5,
+                               atol=1e-6)
+    # The test can tell the modes apart: rows absent from a batch move in
+    # exact mode only. Never-seen rows 6, 7 are untouched either way.
+    other = embedding_reference("lazy" if sparse_mode == "exact" else "exact")
+    assert np.abs(other.w["emb"] - ref.w["emb"]).max() > 1e-3
+    np.testing.assert_array_equal(emb.numpy()[6:], embedding_init()[6:])
+
+
+def test_keras_builtin_adamax_is_wrong_on_repeated_tokens():
+    """Documents the bug: Keras 3 takes |g| per repeated row, not of their sum.
+
+    With +g and -g/2 for one token, the densified gradient is g/2 but
+    keras.optimizers.Adamax puts max(beta_2 * u, |g| + |g|/2) into its norm.
+    """
+    builtin = fit_embedding(
+        keras.optimizers.Adamax(learning_rate=EMB_LR), "eager")
+    ours = fit_embedding(Adamax(learning_rate=EMB_LR), "eager")
+    ref = embedding_reference("exact").w["emb"]
+    builtin_error = np.abs(builtin.get_layer("emb").embeddings.numpy() - ref)
+    our_error = np.abs(ours.get_layer("emb").embeddings.numpy() - ref)
+    assert our_error.max() < 1e-5
+    assert builtin_error.max() > 1e-2, (
+        "keras.optimizers.Adamax now matches the densified reference on "
+        "repeated sparse indices; the upstream bug may be fixed")
+
+
+# ----------------------------------------------------------------------------
+# Sparse gradients through clipping: each repeated index is clipped once.
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("sparse_mode", ["exact", "lazy"])
+@pytest.mark.parametrize("clip", [dict(clipnorm=0.5), dict(clipvalue=0.3),
+                                  dict(global_clipnorm=0.5)],
+                         ids=["clipnorm", "clipvalue", "global_clipnorm"])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "xla"])
+def test_sparse_clipping_sums_duplicates_first(clip, sparse_mode, jit):
+    rng = np.random.default_rng(11)
+    init = rng.normal(size=(6, 2)).astype("float32")
+    var = keras.Variable(init, name="table")
+    opt = Adamax(learning_rate=0.1, sparse_mode=sparse_mode, **clip)
+    ref = AdamaxReference(learning_rate=0.1, sparse_mode=sparse_mode, **clip)
+    ref.add_variable("table", init, np.float32)
+    opt.build([var])
+
+    def step(values, indices):
+        opt.apply_gradients([(tf.IndexedSlices(values, indices,
+                                               tf.constant([6, 2])), var)])
+
+    if jit:
+        step = tf.function(step, jit_compile=True)
+    for _ in range(3):
+        indices = np.array([1, 4, 1, 1, 3], "int32")
+        values = rng.normal(size=(5, 2)).astype("float32")
+        values[2] = -0.7 * values[0]  # opposite-sign duplicates of row 1
+        step(tf.constant(values), tf.constant(indices))
+        ref.apply({"table": SparseGrad(indices, values)})
+    np.testing.assert_allclose(var.numpy(), ref.w["table"], rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(opt._u[0].numpy(), ref.u["table"], rtol=1e-5,
+                               atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Saving: .keras round trip keeps the optimizer state.
+# ----------------------------------------------------------------------------
+def token_regression_data(n=48):
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 20, size=(n, 4)).astype("int32")
+    y = (ids % 3 == 0).mean(axis=1, keepdims=True).astype("float32")
+    return ids, y
+
+
+def token_model():
+    keras.utils.set_random_seed(2)
+    return keras.Sequential([
+        keras.Input((4,), dtype="int32"),
+        keras.layers.Embedding(20, 4),
+        keras.layers.GlobalAveragePooling1D(),
+        keras.layers.Dense(1),
+    ])
+
+
+def test_keras_file_round_trip_restores_optimizer_state(tmp_path):
+    ids, y = token_regression_data()
+    first, second = slice(0, 24), slice(24, 48)
+    fit = dict(batch_size=4, shuffle=False, verbose=0)
+
+    model = token_model()
+    model.compile(optimizer=Adamax(0.02, sparse_mode="lazy"), loss="mse",
+                  jit_compile=False)
+    model.fit(ids[first], y[first], **fit)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    model.fit(ids[second], y[second], **fit)  # uninterrupted
+
+    # No custom_objects: importing tf_adamax.keras registered the class.
+    restored = keras.models.load_model(path)
+    opt = restored.optimizer
+    assert type(opt) is Adamax
+    assert opt.sparse_mode == "lazy"
+    assert int(opt.iterations.numpy()) == 6
+    restored.fit(ids[second], y[second], **fit)
+    assert_same_weights(model, restored, atol=1e-7)
+    for va, vb in zip(model.optimizer.variables, opt.variables):
+        np.testing.assert_allclose(va.numpy(), vb.numpy(), atol=1e-7)
+
+
+def test_loads_keras_builtin_adamax_state(tmp_path):
+    """Same slot order as keras.optimizers.Adamax: its weights load here."""
+    model, _ = fit_dense(keras.optimizers.Adamax(0.01), n=16)
+    path = str(tmp_path / "builtin.weights.h5")
+    model.save_weights(path)
+    ours = dense_model()
+    ours.compile(optimizer=Adamax(0.01), loss="mse")
+    ours.optimizer.build(ours.trainable_variables)
+    ours.load_weights(path)
+    for va, vb in zip(model.optimizer.variables, ours.optimizer.variables):
+        np.testing.assert_array_equal(va.numpy(), vb.numpy())
+
+
+# ----------------------------------------------------------------------------
+# Config and serialization.
+# ----------------------------------------------------------------------------
+def full_optimizer(**overrides):
+    kwargs = dict(learning_rate=0.02, beta_1=0.8, beta_2=0.99, epsilon=1e-6,
+                  weight_decay=0.01, clipnorm=1.0, use_ema=True,
+                  ema_momentum=0.9, ema_overwrite_frequency=5,
+                  loss_scale_factor=2.0, gradient_accumulation_steps=2,
+                  name="my_adamax", sparse_mode="lazy")
+    kwargs.update(overrides)
+    return Adamax(**kwargs)
+
+
+def test_get_config_has_every_constructor_argument():
+    config = full_optimizer().get_config()
+    params = set(inspect.signature(Adamax.__init__).parameters)
+    assert params - {"self", "kwargs"} <= set(config)
+    assert config["sparse_mode"] == "lazy"
+    assert config["name"] == "my_adamax"
+    json.dumps(config)
+    assert Adamax().get_config()["name"] == "adamax"
+
+
+@pytest.mark.parametrize("lr", ["float", "schedule"])
+def test_serialization_round_trip(lr):
+    overrides = {}
+    if lr == "schedule":
+        overrides["learning_rate"] = keras.optimizers.schedules.CosineDecay(
+            0.1, decay_steps=100)
+    opt = full_optimizer(**overrides)
+    config = opt.get_config()
+    via_get = keras.optimizers.get({"class_name": "tf_adamax>Adamax",
+                                    "config": config})
+    serialized = json.loads(json.dumps(keras.optimizers.serialize(opt)))
+    via_deserialize = keras.optimizers.deserialize(serialized)
+    for restored in (via_get, via_deserialize):
+        assert type(restored) is Adamax
+        assert restored.get_config() == config
+
+
+def test_invalid_sparse_mode_names_value_and_choices():
+    with pytest.raises(ValueError, match=r"sparse_mode.*'lazzy'.*'exact', 'lazy'"):
+        Adamax(sparse_mode="lazzy")
+
+
+@pytest.mark.parametrize("arg,value", [("beta_1", 1.0), ("beta_2", -0.1),
+                                       ("epsilon", -1e-7)])
+def test_invalid_hyperparameter_names_argument_and_value(arg, value):
+    with pytest.raises(ValueError, match=rf"{arg}.*{value}"):
+        Adamax(**{arg: value})
+
+
+def test_unknown_keyword_is_rejected():
+    with pytest.raises(ValueError, match="sparse_modes"):
+        Adamax(sparse_modes="lazy")
+
+
+# ----------------------------------------------------------------------------
+# Mixed precision.
+# ----------------------------------------------------------------------------
+@pytest.fixture
+def policy():
+    def set_policy(name):
+        keras.config.set_dtype_policy(name)
+    yield set_policy
+    keras.config.set_dtype_policy("float32")
+
+
+@pytest.mark.parametrize("name", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_trains_like_keras_adamax(policy, name):
+    policy(name)
+    ours, history = fit_dense(Adamax(learning_rate=0.02), epochs=3, n=64,
+                              batch_size=8)
+    theirs, _ = fit_dense(keras.optimizers.Adamax(learning_rate=0.02),
+                          epochs=3, n=64, batch_size=8)
+    if name == "mixed_float16":
+        # compile() wrapped ours in the dynamic loss-scaling optimizer.
+        assert isinstance(ours.optimizer, keras.optimizers.LossScaleOptimizer)
+        assert type(ours.optimizer.inner_optimizer) is Adamax
+        assert np.isfinite(float(ours.optimizer.dynamic_scale.numpy()))
+    else:
+        assert type(ours.optimizer) is Adamax
+    losses = history.history["loss"]
+    assert all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0]
+    for w in ours.weights:
+        assert w.dtype == "float32" and np.all(np.isfinite(w.numpy()))
+    # Same gradients in, same float32 update out (up to half-precision
+    # forward passes reacting to last-bit differences).
+    assert_same_weights(ours, theirs, atol=2e-3)
+
+
+def test_half_precision_variables_get_float32_slots():
+    var = keras.Variable(np.full((3, 2), 0.5), dtype="float16")
+    opt = Adamax(learning_rate=0.01)
+    for _ in range(3):
+        opt.apply_gradients([(tf.constant(np.full((3, 2), 1e-3), "float16"),
+                              var)])
+    assert opt._m[0].dtype == "float32" and opt._u[0].dtype == "float32"
+    ref = AdamaxReference(learning_rate=0.01)
+    ref.add_variable("v", np.full((3, 2), 0.5), np.float16)
+    for _ in range(3):
+        ref.apply({"v": np.full((3, 2), np.float16(1e-3), np.float64)})
+    np.testing.assert_allclose(var.numpy(), ref.w["v"], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(opt._m[0].numpy(), ref.m["v"], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# tf.distribute: MirroredStrategy on two logical CPUs equals one device.
+# ----------------------------------------------------------------------------
+MIRRORED_SCRIPT = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+import tf_adamax.keras
+
+rng = np.random.default_rng(0)
+ids = rng.integers(0, 12, size=(32, 3)).astype("int32")
+ids[:, 1] = ids[:, 0]  # repeated tokens
+y = rng.normal(size=(32, 1)).astype("float32")
+
+def build():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((3,), dtype="int32"),
+        keras.layers.Embedding(12, 4),
+        keras.layers.Flatten(),
+        keras.layers.Dense(4, activation="tanh"),
+        keras.layers.Dense(1),
+    ])
+
+def train(strategy, sparse_mode):
+    with strategy.scope():
+        model = build()
+        model.compile(optimizer=tf_adamax.keras.Adamax(
+            0.02, sparse_mode=sparse_mode), loss="mse", jit_compile=False)
+    model.fit(ids, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    return [w.numpy() for w in model.weights]
+
+out = {"replicas": tf.distribute.MirroredStrategy(
+    ["/cpu:0", "/cpu:1"]).num_replicas_in_sync}
+for mode in ("exact", "lazy"):
+    mirrored = train(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), mode)
+    single = train(tf.distribute.get_strategy(), mode)
+    out[mode] = max(float(np.abs(a - b).max()) for a, b in zip(mirrored, single))
+    out[mode + "_moved"] = float(np.abs(mirrored[0] - build().weights[0].numpy()).max())
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_mirrored_strategy_matches_single_device(tmp_path):
+    script = tmp_path / "mirrored.py"
+    script.write_text(MIRRORED_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    result = json.loads(line[len("RESULT "):])
+    assert result["replicas"] == 2
+    for mode in ("exact", "lazy"):
+        assert result[mode + "_moved"] > 1e-3
+        assert result[mode] < 1e-5, result
+
+
+# ----------------------------------------------------------------------------
+# Fault tolerance: BackupAndRestore after SIGKILL mid-epoch.
+# ----------------------------------------------------------------------------
+FT_SCRIPT = '''
+import os, sys, time
+import numpy as np
+import keras
+import tf_adamax.keras
+
+EPOCHS, BATCH = 4, 8
+
+
+def train(backup_dir, stall_at=None, marker=None, first_epoch_file=None):
+    """Fits 4 epochs with BackupAndRestore; returns weights + optimizer state.
+
+    stall_at="E:B" blocks after batch B of epoch E (after writing `marker`),
+    waiting to be killed.
+    """
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 16, size=(64, 3)).astype("int32")
+    x = rng.normal(size=(64, 3)).astype("float32")
+    y = (x.sum(axis=1, keepdims=True) + (ids[:, :1] % 4)).astype("float32")
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input((3,), dtype="int32")
+    feats = keras.Input((3,))
+    emb = keras.layers.Flatten()(keras.layers.Embedding(16, 2)(tokens))
+    hidden = keras.layers.Dense(8, activation="tanh")(
+        keras.layers.Concatenate()([emb, feats]))
+    model = keras.Model([tokens, feats], keras.layers.Dense(1)(hidden))
+    model.compile(optimizer=tf_adamax.keras.Adamax(0.02, sparse_mode="lazy"),
+                  loss="mse", jit_compile=False)
+
+    class Probe(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+            if first_epoch_file and not os.path.exists(first_epoch_file):
+                with open(first_epoch_file, "w") as f:
+                    f.write(str(epoch))
+
+        def on_train_batch_end(self, batch, logs=None):
+            if stall_at == f"{self.epoch}:{batch}":
+                with open(marker, "w") as f:
+                    f.write("stalled")
+                time.sleep(600)  # killed here
+
+    model.fit([ids, x], y, batch_size=BATCH, epochs=EPOCHS, shuffle=False,
+              verbose=0, callbacks=[
+                  keras.callbacks.BackupAndRestore(backup_dir), Probe()])
+    state = [w.numpy() for w in model.weights]
+    state += [v.numpy() for v in model.optimizer.variables]
+    return state
+
+
+if __name__ == "__main__":
+    backup_dir, out, stall_at, marker, first_epoch_file = sys.argv[1:6]
+    state = train(backup_dir, None if stall_at == "-" else stall_at, marker,
+                  first_epoch_file)
+    np.savez(out, *state)
+'''
+
+
+def test_backup_and_restore_after_sigkill_mid_epoch(tmp_path):
+    script = tmp_path / "ft_train.py"
+    script.write_text(FT_SCRIPT)
+    backup = tmp_path / "backup"
+    marker = tmp_path / "stalled"
+
+    def launch(stall_at, out, first_epoch_file):
+        return subprocess.Popen(
+            [sys.executable, str(script), str(backup), str(out), stall_at,
+             str(marker), str(first_epoch_file)],
+            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+
+    # Run 1: killed during epoch 2 (0-based), after two completed epochs.
+    proc = launch("2:3", tmp_path / "unused.npz", tmp_path / "first1")
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "training never reached 2:3"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert (backup / "latest.weights.h5").exists()
+
+    # Run 2: same command, resumes from the backup and finishes.
+    out = tmp_path / "resumed.npz"
+    proc = launch("-", out, tmp_path / "first2")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    # It resumed at epoch 2 (a restart from scratch would also end equal).
+    assert (tmp_path / "first2").read_text() == "2"
+    resumed = np.load(out)
+    resumed = [resumed[f"arr_{i}"] for i in range(len(resumed.files))]
+
+    # Uninterrupted run, in this process, same code.
+    namespace = {"__name__": "ft_train"}
+    exec(compile(FT_SCRIPT, str(script), "exec"), namespace)
+    uninterrupted = namespace["train"](str(tmp_path / "backup_clean"))
+    assert len(resumed) == len(uninterrupted)
+    for a, b in zip(resumed, uninterrupted):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# The example and import isolation.
+# ----------------------------------------------------------------------------
+def test_example_runs_and_loss_falls():
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "examples", "keras_fit.py")],
+        env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("classifier", "embedding"):
+        losses = [float(line.split(" loss ")[1].split()[0])
+                  for line in proc.stdout.splitlines()
+                  if line.startswith(name + " epoch")]
+        assert len(losses) == 5, proc.stdout
+        assert losses[-1] < 0.6 * losses[0], (name, losses)
+
+
+def test_importing_the_keras3_adapter_does_not_import_tf_keras():
+    code = ("import sys, tf_adamax.keras; "
+            "assert 'tf_keras' not in sys.modules, 'tf_keras imported'")
+    proc = subprocess.run([sys.executable, "-c", code], env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
