@@ -92,11 +92,18 @@ def adamax_rows(w, m, u, g, hyper: Hyper):
 
 
 def dense_step(var, m, u, grad, hyper: Hyper):
-    """Applies a dense gradient to `var` and its slots `m`, `u` in place."""
+    """Applies a dense gradient to `var` and its slots `m`, `u` in place.
+
+    Like every `*_step` here it returns nothing: inside `tf.function` TF's
+    automatic control dependencies run and order the assignments.
+    """
     new_w, new_m, new_u = adamax_rows(
         var.read_value(), m.read_value(), u.read_value(), grad, hyper
     )
-    return tf.group(m.assign(new_m), u.assign(new_u), var.assign(new_w))
+    # read_value=False: returning the new value would read (copy) it.
+    m.assign(new_m, read_value=False)
+    u.assign(new_u, read_value=False)
+    var.assign(new_w, read_value=False)
 
 
 def sum_duplicates(indices, values):
@@ -133,6 +140,12 @@ def sum_duplicates(indices, values):
     return sorted_indices, per_entry, segment_sums, is_first
 
 
+def num_rows(var):
+    """Rows of `var` without reading it (`tf.shape(var)` copies a variable)."""
+    static = var.shape[0]
+    return static if static is not None else tf.shape(var.read_value())[0]
+
+
 def densify(indices, values, num_rows):
     """The dense gradient of an IndexedSlices: duplicate rows summed.
 
@@ -149,8 +162,8 @@ def exact_sparse_step(var, m, u, indices, values, hyper: Hyper):
     linear: |g1| + |g2| != |g1 + g2| for opposite signs). Rows not named still
     decay their moments and move, exactly as with a dense zero gradient.
     """
-    grad = densify(indices, values, tf.shape(var)[0])
-    return dense_step(var, m, u, grad, hyper)
+    grad = densify(indices, values, num_rows(var))
+    dense_step(var, m, u, grad, hyper)
 
 
 def lazy_rows_step(var, m, u, rows, row_grads, hyper: Hyper):
@@ -166,12 +179,11 @@ def lazy_rows_step(var, m, u, rows, row_grads, hyper: Hyper):
         row_grads, hyper,
     )
     # Repeated rows carry identical results, so the scatter is well defined
-    # whichever copy lands last.
-    return tf.group(
-        m.scatter_update(tf.IndexedSlices(new_m, rows)),
-        u.scatter_update(tf.IndexedSlices(new_u, rows)),
-        var.scatter_update(tf.IndexedSlices(new_w, rows)),
-    )
+    # whichever copy lands last. The return values (lazy reads of the whole
+    # variable) are dropped on purpose: using them would copy the table.
+    m.scatter_update(tf.IndexedSlices(new_m, rows))
+    u.scatter_update(tf.IndexedSlices(new_u, rows))
+    var.scatter_update(tf.IndexedSlices(new_w, rows))
 
 
 def lazy_sparse_step(var, m, u, indices, values, hyper: Hyper):
@@ -182,4 +194,4 @@ def lazy_sparse_step(var, m, u, indices, values, hyper: Hyper):
     untouched.
     """
     rows, row_grads, _, _ = sum_duplicates(indices, values)
-    return lazy_rows_step(var, m, u, rows, row_grads, hyper)
+    lazy_rows_step(var, m, u, rows, row_grads, hyper)

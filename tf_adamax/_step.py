@@ -77,7 +77,7 @@ def prepare(grad, var, sparse_mode):
             rows, values, _, is_first = _math.sum_duplicates(
                 grad.indices, grad.values)
             return SparseRows(rows, values, is_first)
-        return _math.densify(grad.indices, grad.values, tf.shape(var)[0])
+        return _math.densify(grad.indices, grad.values, _math.num_rows(var))
     return grad
 
 
@@ -95,7 +95,7 @@ def _sq_norm(grad):
 
 def _to_dense(grad, var):
     if isinstance(grad, SparseRows):
-        return _math.densify(grad.rows, grad.once(), tf.shape(var)[0])
+        return _math.densify(grad.rows, grad.once(), _math.num_rows(var))
     return grad
 
 
@@ -160,7 +160,6 @@ def global_grad_norm(config, grads, variables):
 
 def _update(config, states, grads, decays, step, learning_rate):
     """Weight decay + Adamax for each variable (the `_math` kernels)."""
-    ops = []
     for state, grad, decay in zip(states, grads, decays):
         hyper = _math.Hyper(
             learning_rate=learning_rate,
@@ -171,13 +170,11 @@ def _update(config, states, grads, decays, step, learning_rate):
             weight_decay=config.weight_decay if decay else None,
         )
         if isinstance(grad, SparseRows):
-            ops.append(_math.lazy_rows_step(
-                state.var, state.momentum, state.norm, grad.rows, grad.values,
-                hyper))
+            _math.lazy_rows_step(state.var, state.momentum, state.norm,
+                                 grad.rows, grad.values, hyper)
         else:
-            ops.append(_math.dense_step(
-                state.var, state.momentum, state.norm, grad, hyper))
-    return tf.group(*ops)
+            _math.dense_step(state.var, state.momentum, state.norm, grad,
+                             hyper)
 
 
 @tf.autograph.experimental.do_not_convert
@@ -217,25 +214,22 @@ def apply_step(config: StepConfig, states, grads, decays, iteration,
             ]
             mean = [tf.cast(m, s.var.dtype) if s.var.dtype != m.dtype else m
                     for m, s in zip(mean, states)]
-            clipped = clip(config, mean, global_norm)
-            with tf.control_dependencies([_update(
-                    config, states, clipped, decays, step, learning_rate)]):
-                resets = [s.accumulator.assign(tf.zeros_like(s.accumulator))
-                          for s in states]
-            with tf.control_dependencies(resets):
-                return tf.constant(True)
+            _update(config, states, clip(config, mean, global_norm), decays,
+                    step, learning_rate)
+            for s in states:  # ordered after the reads above (same resource)
+                s.accumulator.assign(tf.zeros_like(s.accumulator),
+                                     read_value=False)
+            return tf.constant(True)
 
         def accumulate():
-            ops = []
             for g, s in zip(grads, states):
                 if isinstance(g, SparseRows):
-                    ops.append(s.accumulator.scatter_add(tf.IndexedSlices(
-                        tf.cast(g.once(), s.accumulator.dtype), g.rows)))
+                    s.accumulator.scatter_add(tf.IndexedSlices(
+                        tf.cast(g.once(), s.accumulator.dtype), g.rows))
                 else:
-                    ops.append(s.accumulator.assign_add(
-                        tf.cast(g, s.accumulator.dtype)))
-            with tf.control_dependencies(ops):
-                return tf.constant(False)
+                    s.accumulator.assign_add(
+                        tf.cast(g, s.accumulator.dtype), read_value=False)
+            return tf.constant(False)
 
         tf.cond(step % n == 0, update_with_mean, accumulate)
     else:
@@ -248,22 +242,21 @@ def apply_step(config: StepConfig, states, grads, decays, iteration,
 
 def _ema(config, states, iteration):
     """Keras 3's weight EMA; the first step copies the weights."""
-    ops = []
     for s in states:
         not_first = tf.cast(tf.not_equal(iteration, 0), s.average.dtype)
         momentum = not_first * _math.as_dtype(
             config.ema_momentum, s.average.dtype)
-        ops.append(s.average.assign(
+        s.average.assign(
             momentum * s.average + (1 - momentum) * tf.cast(
-                s.var, s.average.dtype)))
+                s.var, s.average.dtype), read_value=False)
     if config.ema_overwrite_frequency:
         freq = config.ema_overwrite_frequency
-        with tf.control_dependencies(ops):
-            def overwrite():
-                with tf.control_dependencies(
-                        [s.var.assign(tf.cast(s.average, s.var.dtype))
-                         for s in states]):
-                    return tf.constant(True)
-            return tf.cond((iteration + 1) % freq == 0, overwrite,
-                           lambda: tf.constant(False))
-    return tf.group(*ops)
+
+        def overwrite():
+            for s in states:
+                s.var.assign(tf.cast(s.average, s.var.dtype),
+                             read_value=False)
+            return tf.constant(True)
+
+        tf.cond((iteration + 1) % freq == 0, overwrite,
+                lambda: tf.constant(False))

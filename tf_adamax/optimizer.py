@@ -606,7 +606,7 @@ def _index_checks(strategy, grads, variables):
         g = _distribute.local(strategy, g)[0]
         if not isinstance(g, tf.IndexedSlices):
             continue
-        rows = tf.cast(tf.shape(_distribute.unwrap(v))[0], g.indices.dtype)
+        rows = tf.cast(_math.num_rows(_distribute.unwrap(v)), g.indices.dtype)
         ok = tf.reduce_all((g.indices >= 0) & (g.indices < rows))
         checks.append(tf.debugging.Assert(ok, [
             f"IndexedSlices gradient for variable {_name(v)!r} has indices "
