@@ -8,6 +8,7 @@ value and the fix.
 from __future__ import annotations
 
 import difflib
+import importlib
 import math
 import numbers
 
@@ -134,3 +135,37 @@ def check_clipping(clipnorm, clipvalue, global_clipnorm):
                         ("global_clipnorm", global_clipnorm)):
         check_scalar(name, value, low=0.0, low_open=True, high=None,
                      allow_none=True)
+
+
+def serialize_schedule(learning_rate):
+    """A JSON-able config for a Keras 3 / tf-keras schedule.
+
+    The schedule's own Keras generation serializes it; which one is read off
+    the class's module, so neither Keras is imported unless it is in use.
+    Callables other than schedules are returned as they are.
+    """
+    if not is_schedule(learning_rate):
+        return learning_rate
+    keras_module = _keras_of(type(learning_rate))
+    return {
+        "tf_adamax_schedule": keras_module.__name__,
+        "config": keras_module.optimizers.schedules.serialize(learning_rate),
+    }
+
+
+def deserialize_schedule(value):
+    """Inverse of `serialize_schedule` (other values pass through)."""
+    if isinstance(value, dict) and "tf_adamax_schedule" in value:
+        keras_module = importlib.import_module(value["tf_adamax_schedule"])
+        return keras_module.optimizers.schedules.deserialize(value["config"])
+    return value
+
+
+def _keras_of(cls):
+    root = cls.__module__.split(".")[0]
+    if root not in ("keras", "tf_keras"):
+        raise ValueError(
+            f"Cannot serialize learning-rate schedule {cls.__name__} from "
+            f"module {cls.__module__}: only Keras 3 and tf-keras schedules "
+            "are serializable. Pass it to from_config as an object.")
+    return importlib.import_module(root)

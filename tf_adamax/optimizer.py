@@ -519,11 +519,14 @@ class Adamax(tf.Module):
         if self._lr_source is None:
             return float(self._learning_rate.numpy()) if tf.executing_eagerly() \
                 else self._learning_rate
-        return self._lr_source  # schedules/callables are passed as objects
+        return _hyper.serialize_schedule(self._lr_source)
 
     @classmethod
     def from_config(cls, config):
         """Creates an optimizer from `get_config()` output."""
+        config = dict(config)
+        config["learning_rate"] = _hyper.deserialize_schedule(
+            config.get("learning_rate", 0.001))
         return cls(**config)
 
     @classmethod
