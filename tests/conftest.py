@@ -88,6 +88,30 @@ def make_step(opt, mode, var_list):
     return step
 
 
+def compiled_update_functions(opt):
+    """The optimizer's own tf.functions (its compiled update), if discoverable.
+
+    ``opt._update_fn`` when the optimizer exposes it; otherwise any attribute
+    (or attribute of a plain holder object one level down) that has
+    ``experimental_get_tracing_count``. Returns a list, possibly empty.
+    """
+    fn = getattr(opt, "_update_fn", None)
+    if hasattr(fn, "experimental_get_tracing_count"):
+        return [fn]
+    found = []
+    for value in vars(opt).values():
+        candidates = [value]
+        if not isinstance(value, tf.Module) and hasattr(value, "__dict__"):
+            candidates += list(vars(value).values())
+        found += [c for c in candidates
+                  if hasattr(c, "experimental_get_tracing_count")]
+    return found
+
+
+def tracing_counts(functions):
+    return [f.experimental_get_tracing_count() for f in functions]
+
+
 def check_against_reference(opt, var_list, ref, keys, err_msg=""):
     """var, momentum and norm of every variable vs the reference."""
     for key, var in zip(keys, var_list):

@@ -101,6 +101,33 @@ def make_batches(num_steps, num_replicas, seed=0):
     return ids, y
 
 
+def make_shard_balanced_batches(num_steps, num_shards=2, seed=0):
+    """Like `make_batches(num_steps, 1)`, but every step looks up the same number of
+    ids in each of `num_shards` equal row ranges of the table, duplicates included.
+
+    Why: an embedding sharded over parameter servers receives one IndexedSlices per
+    shard whose length (nnz) is the number of ids that fell into it. XLA compiles one
+    program per distinct nnz, so random ids would recompile the jit_compile=True
+    update on most steps and dominate the test's run time (see the ParameterServer
+    test module).
+    """
+    rng = np.random.default_rng(seed)
+    rows_per_shard = VOCAB // num_shards
+    n = BATCH * IDS_PER_EXAMPLE
+    assert n % num_shards == 0
+    ids = np.empty((num_steps, 1, n), np.int32)
+    for s in range(num_steps):
+        parts = []
+        for k in range(num_shards):
+            hot = [r for r in HOT_ROWS if k * rows_per_shard <= r < (k + 1) * rows_per_shard]
+            part = rng.choice(np.asarray(hot), size=n // num_shards)
+            part[1] = part[0]  # a duplicate inside every shard's slice
+            parts.append(part)
+        ids[s, 0] = rng.permutation(np.concatenate(parts))
+    y = rng.normal(size=(num_steps, 1, BATCH, 1)).astype(np.float32)
+    return ids.reshape(num_steps, 1, BATCH, IDS_PER_EXAMPLE), y
+
+
 def initial_values(seed=1):
     """Initial weights as float32 NumPy arrays keyed by VAR_NAMES."""
     rng = np.random.default_rng(seed)
@@ -596,9 +623,17 @@ class ReferenceTrainer:
         return rec
 
 
-def reference_record(cfg, ids, y, init, rec=None):
-    """Trains the single-device reference on all steps; adds ref/*, np/*, init/*."""
+def reference_record(cfg, ids, y, init, rec=None, cache=None):
+    """Trains the single-device reference on all steps; adds ref/*, np/*, init/*.
+
+    `cache` (a dict) reuses the reference of an earlier config with the same
+    sparse_mode and jit_compile (the reference ignores replica_fn and build).
+    """
     rec = {} if rec is None else rec
+    key = (cfg["sparse_mode"], bool(cfg["jit_compile"]))
+    if cache is not None and key in cache:
+        rec.update(cache[key])
+        return rec
     trainer = ReferenceTrainer(cfg, init, ids.shape[1])
     for s in range(ids.shape[0]):
         trainer.step(ids[s], y[s])
@@ -610,4 +645,90 @@ def reference_record(cfg, ids, y, init, rec=None):
         for slot in SLOTS:
             rec[f"np_slot/{slot}/{name}"] = slots[slot][name]
     rec["gathered_rows"] = sorted(int(i) for i in np.unique(ids))
+    if cache is not None:
+        cache[key] = dict(rec)
     return rec
+
+
+# --------------------------------------------------------------------------------------
+# ParameterServerStrategy: in-process loopback cluster and a deterministic trainer.
+# --------------------------------------------------------------------------------------
+def start_in_process_cluster(num_workers=2, num_ps=2):
+    """Starts gRPC servers for `num_workers` workers and `num_ps` parameter servers in
+    this process, on free 127.0.0.1 ports; this process is the chief (coordinator).
+
+    Returns ``(cluster_resolver, servers)``; keep `servers` alive while training.
+    """
+    import tensorflow as tf
+
+    ports = free_ports(num_workers + num_ps)
+    cluster = tf.train.ClusterSpec({
+        "worker": [f"{LOOPBACK}:{p}" for p in ports[:num_workers]],
+        "ps": [f"{LOOPBACK}:{p}" for p in ports[num_workers:]],
+    })
+    worker_config = tf.compat.v1.ConfigProto()
+    if (os.cpu_count() or 1) < num_workers + 1:
+        # Each worker needs threads for its own ops and the coordinator's RPCs.
+        worker_config.inter_op_parallelism_threads = num_workers + 1
+    servers = [tf.distribute.Server(cluster, job_name="worker", task_index=i,
+                                    config=worker_config, protocol="grpc", start=True)
+               for i in range(num_workers)]
+    servers += [tf.distribute.Server(cluster, job_name="ps", task_index=i,
+                                     protocol="grpc", start=True)
+                for i in range(num_ps)]
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(cluster, rpc_layer="grpc")
+    return resolver, servers
+
+
+class ParameterServerTrainer:
+    """Model + optimizer under ParameterServerStrategy; `run` schedules one step at a
+    time and joins after each, so the result is the sequential single-device one."""
+
+    def __init__(self, strategy, coordinator, cfg, init, ids, y):
+        import tensorflow as tf
+
+        self.tf, self.strategy, self.coordinator, self.cfg = tf, strategy, coordinator, cfg
+        with strategy.scope():
+            self.model = build_model(init)
+            self.opt = make_optimizer(cfg)
+        self.var_list = train_vars(self.model)
+        if cfg.get("build", "implicit") == "explicit":
+            with strategy.scope():
+                self.opt.build(self.var_list)
+        replica_fn = make_replica_fn(self.model, self.opt, self.var_list, cfg)
+        # [S, B, K] and [S, B, 1]: the (single) replica of step s gets row s.
+        self._ids, self._y = tf.constant(ids[:, 0]), tf.constant(y[:, 0])
+
+        @tf.function
+        def step(s):
+            return strategy.run(replica_fn, args=(tf.gather(self._ids, s),
+                                                  tf.gather(self._y, s)))
+
+        self._step = step
+        self.num_steps = ids.shape[0]
+
+    def run(self):
+        for s in range(self.num_steps):
+            self.coordinator.schedule(self._step, args=(self.tf.constant(s),))
+            self.coordinator.join()
+
+    def shards(self, name):
+        v = getattr(self.model, name)
+        return list(v.variables) if is_sharded(v) else [v]
+
+    def record(self, rec, prefix="dist"):
+        """Values (shards concatenated), shard and slot-shard devices, iterations."""
+        for name in VAR_NAMES:
+            shards = self.shards(name)
+            rec[f"{prefix}/{name}"] = np.concatenate([v.numpy() for v in shards])
+            rec[f"{prefix}_shard_devices/{name}"] = [v.device for v in shards]
+            rec[f"{prefix}_shard_rows/{name}"] = [int(v.shape[0]) for v in shards]
+            for slot in SLOTS:
+                slot_shards = [self.opt.get_slot(v, slot_name(slot)) for v in shards]
+                rec[f"{prefix}_slot/{slot}/{name}"] = np.concatenate(
+                    [sv.numpy() for sv in slot_shards])
+                rec[f"{prefix}_slot_devices/{slot}/{name}"] = [sv.device for sv in slot_shards]
+                rec[f"{prefix}_slot_rows/{slot}/{name}"] = [int(sv.shape[0])
+                                                            for sv in slot_shards]
+        rec[f"{prefix}_iterations"] = int(self.opt.iterations.numpy())
+        return rec

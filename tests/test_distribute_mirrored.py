@@ -27,23 +27,29 @@ PLAIN_CONFIGS = [dict(sparse_mode=m, jit_compile=j, replica_fn="plain")
 # Acceptance 2: forward/backward is its own tf.function(jit_compile=True), then
 # apply_gradients runs in the replica function (where tf-keras hits "merge_call called
 # while defining a new graph").
-XLA_CONFIGS = [dict(sparse_mode=m, jit_compile=j, replica_fn="xla")
-               for m in ("exact", "lazy") for j in JIT]
+# The optimizer keeps its own jit_compile=True: its compiled update must not call
+# merge_call.
+XLA_CONFIGS = [dict(sparse_mode=m, jit_compile=True, replica_fn="xla")
+               for m in ("exact", "lazy")]
+# Acceptance 5: checkpoint round trips Mirrored <-> no strategy.
+CKPT_MODES = ("exact", "lazy")
+CKPT_STEPS_BEFORE, CKPT_STEPS_AFTER = 3, 2
 CHILD_TIMEOUT = 240
 
 
-def child_mirrored(configs, num_steps):
-    """Child: every config under MirroredStrategy and under no strategy."""
+def child_mirrored(configs, num_steps, ckpt_modes, ckpt_dir):
+    """Child: every config under MirroredStrategy and under no strategy, then the
+    checkpoint round trips."""
     tf = dh.import_tf(logical_cpus=NUM_REPLICAS)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     assert strategy.num_replicas_in_sync == NUM_REPLICAS
     ids, y = dh.make_batches(num_steps, NUM_REPLICAS)
     init = dh.initial_values()
-    results = {}
+    results, cache = {}, {}
     for cfg in configs:
         rec = {}
         try:
-            dh.reference_record(cfg, ids, y, init, rec)
+            dh.reference_record(cfg, ids, y, init, rec, cache=cache)
             trainer = dh.StrategyTrainer(strategy, cfg, init)
             for s in range(num_steps):
                 trainer.step(ids[s], y[s])
@@ -51,13 +57,85 @@ def child_mirrored(configs, num_steps):
         except Exception:  # noqa: BLE001 - reported by the owning test
             rec = dh.error_record()
         results[dh.config_name(cfg)] = rec
+    for mode in ckpt_modes:
+        try:
+            results[f"ckpt-{mode}"] = child_checkpoint(strategy, mode, ckpt_dir)
+        except Exception:  # noqa: BLE001
+            results[f"ckpt-{mode}"] = dh.error_record()
     return results
+
+
+def _restore(tf, trainer, path, rec, prefix):
+    """Restores `path` into a fresh, unbuilt trainer, then builds its optimizer.
+
+    Restoring before the slots exist exercises the deferred slot restoration of the
+    slot-variable protocol; `assert_consumed` then proves every saved value (slots
+    included) found its variable.
+    """
+    status = tf.train.Checkpoint(model=trainer.model, optimizer=trainer.opt).read(path)
+    trainer.build()
+    try:
+        status.assert_consumed()
+        rec[f"{prefix}_consumed"] = "ok"
+    except AssertionError as e:
+        rec[f"{prefix}_consumed"] = str(e)
+    trainer.record(rec, prefix)
+
+
+def child_checkpoint(strategy, sparse_mode, ckpt_dir):
+    """Save under Mirrored -> restore without strategy (a_*), and the reverse (b_*).
+
+    Both sides then train CKPT_STEPS_AFTER more steps and must stay equal.
+    """
+    import tensorflow as tf
+
+    cfg = dict(sparse_mode=sparse_mode, jit_compile=True)
+    ids, y = dh.make_batches(CKPT_STEPS_BEFORE + CKPT_STEPS_AFTER, NUM_REPLICAS, seed=7)
+    init = dh.initial_values()
+    # The restoring side starts from other weights, so only the restore can align them.
+    other = {k: np.zeros_like(v) for k, v in init.items()}
+    before, after = range(CKPT_STEPS_BEFORE), range(CKPT_STEPS_BEFORE, len(ids))
+    rec = {}
+
+    mirrored = dh.StrategyTrainer(strategy, cfg, init)
+    for s in before:
+        mirrored.step(ids[s], y[s])
+    mirrored.record(rec, "a_saved")
+    path = tf.train.Checkpoint(model=mirrored.model, optimizer=mirrored.opt).write(
+        os.path.join(ckpt_dir, f"{sparse_mode}-mirrored"))
+    for s in after:
+        mirrored.step(ids[s], y[s])
+    mirrored.record(rec, "a_cont_dist")
+    single = dh.ReferenceTrainer(cfg, other, NUM_REPLICAS)
+    _restore(tf, single, path, rec, "a_restored")
+    for s in after:
+        single.step(ids[s], y[s])
+    single.record(rec, "a_cont_ref")
+
+    single = dh.ReferenceTrainer(cfg, init, NUM_REPLICAS)
+    for s in before:
+        single.step(ids[s], y[s])
+    single.record(rec, "b_saved")
+    path = tf.train.Checkpoint(model=single.model, optimizer=single.opt).write(
+        os.path.join(ckpt_dir, f"{sparse_mode}-single"))
+    for s in after:
+        single.step(ids[s], y[s])
+    single.record(rec, "b_cont_ref")
+    mirrored = dh.StrategyTrainer(strategy, cfg, other)
+    _restore(tf, mirrored, path, rec, "b_restored")
+    for s in after:
+        mirrored.step(ids[s], y[s])
+    mirrored.record(rec, "b_cont_dist")
+    return rec
 
 
 @pytest.fixture(scope="module")
 def mirrored_results(tmp_path_factory):
+    # One child for the whole module: TensorFlow start-up and device setup are paid once.
     return dh.run_child(f"{__name__}:child_mirrored",
-                        dict(configs=PLAIN_CONFIGS + XLA_CONFIGS, num_steps=NUM_STEPS),
+                        dict(configs=PLAIN_CONFIGS + XLA_CONFIGS, num_steps=NUM_STEPS,
+                             ckpt_modes=CKPT_MODES,
+                             ckpt_dir=str(tmp_path_factory.mktemp("ckpt"))),
                         tmp_path_factory.mktemp("mirrored"), CHILD_TIMEOUT)
 
 
@@ -94,3 +172,50 @@ def test_mirrored_matches_summed_gradient_reference(mirrored_results, cfg):
 @pytest.mark.parametrize("cfg", XLA_CONFIGS, ids=dh.config_name)
 def test_mirrored_xla_replica_fn_then_apply_gradients(mirrored_results, cfg):
     _check_mirrored(mirrored_results[dh.config_name(cfg)], cfg)
+
+
+def _assert_same_state(rec, actual, expected, exact):
+    for name in dh.VAR_NAMES:
+        keys = [f"/{name}"] + [f"_slot/{slot}/{name}" for slot in dh.SLOTS]
+        for key in keys:
+            if exact:
+                np.testing.assert_array_equal(rec[actual + key], rec[expected + key],
+                                              err_msg=f"{actual}{key} != {expected}{key}")
+            else:
+                dh.assert_close(rec[actual + key], rec[expected + key],
+                                f"{actual}{key} != {expected}{key}")
+    assert rec[f"{actual}_iterations"] == rec[f"{expected}_iterations"]
+
+
+@pytest.mark.parametrize("mode", CKPT_MODES)
+def test_checkpoint_mirrored_to_single_device(mirrored_results, mode):
+    rec = dh.check_record(mirrored_results[f"ckpt-{mode}"])
+    assert rec["a_saved_iterations"] == CKPT_STEPS_BEFORE
+    assert rec["a_restored_consumed"] == "ok", rec["a_restored_consumed"]
+    _assert_same_state(rec, "a_restored", "a_saved", exact=True)
+    _assert_same_state(rec, "a_cont_ref", "a_cont_dist", exact=False)
+    assert rec["a_cont_ref_iterations"] == CKPT_STEPS_BEFORE + CKPT_STEPS_AFTER
+    for name in dh.VAR_NAMES:  # training went on after the restore
+        assert not np.array_equal(rec[f"a_cont_ref/{name}"], rec[f"a_restored/{name}"])
+
+
+@pytest.mark.parametrize("mode", CKPT_MODES)
+def test_checkpoint_single_device_to_mirrored(mirrored_results, mode):
+    rec = dh.check_record(mirrored_results[f"ckpt-{mode}"])
+    assert rec["b_saved_iterations"] == CKPT_STEPS_BEFORE
+    assert rec["b_restored_consumed"] == "ok", rec["b_restored_consumed"]
+    _assert_same_state(rec, "b_restored", "b_saved", exact=True)
+    # Restored into both mirrored copies, not only the primary.
+    for name in dh.VAR_NAMES:
+        for i in range(NUM_REPLICAS):
+            np.testing.assert_array_equal(rec[f"b_restored_local{i}/{name}"],
+                                          rec[f"b_saved/{name}"], err_msg=f"{name} copy {i}")
+            for slot in dh.SLOTS:
+                np.testing.assert_array_equal(
+                    rec[f"b_restored_slot_local{i}/{slot}/{name}"],
+                    rec[f"b_saved_slot/{slot}/{name}"], err_msg=f"{slot}/{name} copy {i}")
+    _assert_same_state(rec, "b_cont_dist", "b_cont_ref", exact=False)
+    assert rec["b_cont_dist_iterations"] == CKPT_STEPS_BEFORE + CKPT_STEPS_AFTER
+    for name in dh.VAR_NAMES:
+        np.testing.assert_array_equal(rec[f"b_cont_dist_local0/{name}"],
+                                      rec[f"b_cont_dist_local1/{name}"])

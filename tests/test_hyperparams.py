@@ -83,7 +83,7 @@ def test_learning_rate_and_hyperparameter_forms(form, mode, rng):
 
 KWARGS = {
     "betas_eps": dict(beta_1=0.5, beta_2=0.9, epsilon=1e-3),
-    "beta_1_zero": dict(beta_1=0.0, beta_2=0.0, epsilon=0.0),
+    "betas_zero": dict(beta_1=0.0, beta_2=0.0),
     "weight_decay": dict(weight_decay=0.05),
     "weight_decay_schedule": dict(weight_decay=0.05, learning_rate="schedule"),
     "clipnorm": dict(clipnorm=0.8),
@@ -124,21 +124,21 @@ def test_keyword_arguments_match_reference(name, mode, rng):
         ref.add_variable(i, x, np.float32)
     for k in range(STEPS):
         grads = _grads(rng)
-        if name == "beta_1_zero" and k == 2:
-            grads[0][0] = 0.0  # u = 0 and g = 0 with epsilon = 0: no NaN
+        if name == "betas_zero" and k == 2:
+            grads[0][0] = 0.0  # m = u = 0 on this row: the update is 0 / epsilon
         step([tf.constant(g) for g in grads])
         ref.apply(dict(enumerate(grads)))
         check_against_reference(opt, variables, ref, [0, 1], err_msg=f"step {k}")
         assert int(opt.iterations.numpy()) == k + 1
     if opt_kw.get("use_ema"):
+        raw = to_numpy(variables[0])
         opt.finalize_variable_values(variables)
         ref.finalize_variable_values()
         for i, var in enumerate(variables):
             assert_allclose_according_to_type(var, ref.w[i], "float32",
                                               err_msg="after finalize")
-        # finalize really swapped something in: averages != raw weights here.
-        assert not np.allclose(ref.w[0], ref.average[0] * 0 + to_numpy(
-            variables[0]) + 1.0)
+        # The averages really differ from the raw weights at this point.
+        assert not np.allclose(to_numpy(variables[0]), raw, rtol=1e-4, atol=1e-4)
 
 
 def test_finalize_without_ema_is_a_no_op(rng):

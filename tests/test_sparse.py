@@ -45,18 +45,22 @@ def _slices(indices, values, dtype):
 @pytest.mark.parametrize("dtype", SPARSE_DTYPES)
 def test_exact_sparse_equals_densified_gradient(dtype, mode, rng):
     emb, bias, opt, step, ref = _setup(rng, dtype, "exact", mode)
-    # The same optimizer path fed tf.convert_to_tensor(slices).
-    emb_d = tf.Variable(emb.numpy())
-    bias_d = tf.Variable(bias.numpy())
-    opt_d = make_optimizer(mode, learning_rate=LR)
-    step_d = make_step(opt_d, mode, [emb_d, bias_d])
+    # The same optimizer path fed tf.convert_to_tensor(slices) (two paths are
+    # enough here: every mode is compared with the reference anyway).
+    twin = mode in ("eager", "jit")
+    if twin:
+        emb_d, bias_d = tf.Variable(emb.numpy()), tf.Variable(bias.numpy())
+        opt_d = make_optimizer(mode, learning_rate=LR)
+        step_d = make_step(opt_d, mode, [emb_d, bias_d])
     for t in range(1, 13):
         slices, sg = random_sparse(rng, ROWS, ROW_SHAPE, 6, dtype)
         gb = _dense_bias_grad(rng, dtype)
         step([slices, tf.constant(gb)])
-        step_d([tf.convert_to_tensor(slices), tf.constant(gb)])
         ref.apply({0: sg, 1: gb})
         check_against_reference(opt, [emb, bias], ref, [0, 1], err_msg=f"step {t}")
+        if not twin:
+            continue
+        step_d([tf.convert_to_tensor(slices), tf.constant(gb)])
         for a, b in ((emb, emb_d), (bias, bias_d)):
             assert_allclose_according_to_type(a, b, dtype)
             for slot in ("momentum", "norm"):

@@ -228,6 +228,14 @@ class Adamax(tf_keras.optimizers.Optimizer):
                      else g for g in grads]
         return super()._clip_gradients(grads)
 
+    def _deduplicate_sparse_grad(self, grads):
+        # tf-keras's hook (private) that sums repeated sparse indices with
+        # tf.unique before update_step. The kernels sum them themselves with
+        # static shapes; tf.unique's data-dependent shape is padded under
+        # XLA (`compile(jit_compile=True)`), and the lazy kernel then
+        # scatters wrong rows. So pass the gradients through unchanged.
+        return list(grads)
+
     def get_config(self):
         """Returns every constructor argument (serializable)."""
         config = super().get_config()

@@ -1,0 +1,198 @@
+"""Checkpoints (slot-variable protocol), SavedModel export and get_config round trips."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_adamax
+import tf_keras
+
+from conftest import (SLOTS, assert_allclose_according_to_type, assert_same_state,
+                      random_sparse, snapshot)
+
+LR = 0.01
+DENSE_SHAPE, ROWS, ROW_SHAPE = (5, 3), 8, (3,)
+
+
+def _grad_sequence(seed, n):
+    rng = np.random.default_rng(seed)
+    seq = []
+    for _ in range(n):
+        dense = tf.constant(rng.standard_normal(DENSE_SHAPE).astype(np.float32))
+        sparse, _ = random_sparse(rng, ROWS, ROW_SHAPE, 5, "float32")
+        seq.append([dense, sparse])
+    return seq
+
+
+def _initial_values(seed):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(DENSE_SHAPE).astype(np.float32),
+            rng.standard_normal((ROWS,) + ROW_SHAPE).astype(np.float32))
+
+
+def _train(opt, variables, grad_seq):
+    for grads in grad_seq:
+        opt.apply_gradients(zip(grads, variables))
+
+
+@pytest.fixture(scope="module")
+def resume_setup(tmp_path_factory):
+    """An uninterrupted 10-step run and a checkpoint taken after step 5."""
+    grads = _grad_sequence(0, 10)
+    w0, e0 = _initial_values(1)
+    # Uninterrupted.
+    variables = [tf.Variable(w0, name="w"), tf.Variable(e0, name="emb")]
+    opt = tf_adamax.Adamax(learning_rate=LR)
+    _train(opt, variables, grads)
+    full = snapshot(opt, variables)
+    # Interrupted after 5 steps.
+    variables = [tf.Variable(w0, name="w"), tf.Variable(e0, name="emb")]
+    opt = tf_adamax.Adamax(learning_rate=LR)
+    _train(opt, variables, grads[:5])
+    half = snapshot(opt, variables)
+    ckpt = tf.train.Checkpoint(opt=opt, w=variables[0], emb=variables[1])
+    path = ckpt.save(str(tmp_path_factory.mktemp("resume") / "ckpt"))
+    return dict(grads=grads, full=full, half=half, path=path)
+
+
+@pytest.mark.parametrize("variant", ("build_then_restore", "restore_then_build",
+                                     "restore_then_apply"))
+def test_resume_is_bit_for_bit(resume_setup, variant):
+    # Fresh variables with different values: everything must come from the file.
+    variables = [tf.Variable(tf.zeros(DENSE_SHAPE), name="w"),
+                 tf.Variable(tf.zeros((ROWS,) + ROW_SHAPE), name="emb")]
+    opt = tf_adamax.Adamax(learning_rate=LR)
+    ckpt = tf.train.Checkpoint(opt=opt, w=variables[0], emb=variables[1])
+    if variant == "build_then_restore":
+        opt.build(variables)
+        ckpt.restore(resume_setup["path"]).assert_consumed()
+    else:
+        status = ckpt.restore(resume_setup["path"])
+        assert int(opt.iterations.numpy()) == 5
+        if variant == "restore_then_build":
+            opt.build(variables)  # deferred slot restoration happens here
+            status.assert_consumed()
+    if variant != "restore_then_apply":
+        assert_same_state(resume_setup["half"], snapshot(opt, variables))
+    _train(opt, variables, resume_setup["grads"][5:])
+    assert_same_state(resume_setup["full"], snapshot(opt, variables))
+
+
+@pytest.mark.parametrize("variant", ("build_first", "restore_first"))
+def test_restore_with_changed_variable_order(tmp_path, variant):
+    """Slots follow their variable, not a position in a list."""
+    rng = np.random.default_rng(7)
+    shape = (4, 3)  # same shape: a positional mix-up would go unnoticed otherwise
+    a = tf.Variable(rng.standard_normal(shape).astype(np.float32), name="a")
+    b = tf.Variable(rng.standard_normal(shape).astype(np.float32), name="b")
+    opt = tf_adamax.Adamax(learning_rate=LR)
+    seq = [[tf.constant(rng.standard_normal(shape).astype(np.float32))
+            for _ in range(2)] for _ in range(5)]
+    for ga, gb in seq[:3]:
+        opt.apply_gradients([(ga, a), (gb, b)])
+    path = tf.train.Checkpoint(opt=opt, a=a, b=b).save(str(tmp_path / "ckpt"))
+
+    # TF's slot-variable protocol: slots are saved under their variable.
+    names = [n for n, _ in tf.train.list_variables(path)]
+    for var in ("a", "b"):
+        for slot in SLOTS:
+            assert any(n.startswith(f"{var}/.OPTIMIZER_SLOT/opt/{slot}") for n in names), (
+                var, slot, names)
+
+    a2 = tf.Variable(tf.zeros(shape), name="a")
+    b2 = tf.Variable(tf.zeros(shape), name="b")
+    opt2 = tf_adamax.Adamax(learning_rate=LR)
+    ckpt2 = tf.train.Checkpoint(opt=opt2, a=a2, b=b2)
+    if variant == "build_first":
+        opt2.build([b2, a2])
+        ckpt2.restore(path).assert_consumed()
+    else:
+        status = ckpt2.restore(path)
+        opt2.build([b2, a2])
+        status.assert_consumed()
+    for old, new in ((a, a2), (b, b2)):
+        np.testing.assert_array_equal(new.numpy(), old.numpy())
+        for slot in SLOTS:
+            np.testing.assert_array_equal(opt2.get_slot(new, slot).numpy(),
+                                          opt.get_slot(old, slot).numpy(),
+                                          err_msg=f"{old.name} {slot}")
+    for ga, gb in seq[3:]:
+        opt.apply_gradients([(ga, a), (gb, b)])
+        opt2.apply_gradients([(gb, b2), (ga, a2)])
+    for old, new in ((a, a2), (b, b2)):
+        assert_allclose_according_to_type(new, old, "float32")
+        for slot in SLOTS:
+            assert_allclose_according_to_type(opt2.get_slot(new, slot),
+                                              opt.get_slot(old, slot), "float32")
+
+
+class _Trainer(tf.Module):
+    def __init__(self):
+        super().__init__()
+        rng = np.random.default_rng(3)
+        self.w = tf.Variable(rng.standard_normal((3, 1)).astype(np.float32))
+        self.emb = tf.Variable(rng.standard_normal((ROWS, 3)).astype(np.float32))
+        self.opt = tf_adamax.Adamax(learning_rate=LR)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32),
+                                  tf.TensorSpec([None], tf.float32)])
+    def train_step(self, ids, y):
+        with tf.GradientTape() as tape:
+            pred = tf.squeeze(tf.matmul(tf.gather(self.emb, ids), self.w), -1)
+            loss = tf.reduce_mean(tf.square(pred - y))
+        grads = tape.gradient(loss, [self.w, self.emb])
+        self.opt.apply_gradients(zip(grads, [self.w, self.emb]))
+        return loss
+
+
+def test_module_with_optimizer_exports_saved_model(tmp_path):
+    module = _Trainer()
+    ids = tf.constant([1, 4, 1, 7], tf.int32)
+    y = tf.constant([0.5, -1.0, 2.0, 0.0])
+    module.train_step(ids, y)  # builds slots
+    tf.saved_model.save(module, str(tmp_path / "saved"))
+    loaded = tf.saved_model.load(str(tmp_path / "saved"))
+    np.testing.assert_array_equal(loaded.w.numpy(), module.w.numpy())
+    np.testing.assert_array_equal(loaded.emb.numpy(), module.emb.numpy())
+    # The exported step keeps training from the saved optimizer state.
+    for _ in range(2):
+        module.train_step(ids, y)
+        loaded.train_step(ids, y)
+    assert_allclose_according_to_type(loaded.w, module.w, "float32")
+    assert_allclose_according_to_type(loaded.emb, module.emb, "float32")
+
+
+def _config_case(name):
+    base = dict(beta_1=0.8, beta_2=0.99, epsilon=1e-4, jit_compile=False,
+                name="my_adamax")
+    if name == "float_kwargs":
+        return dict(base, learning_rate=0.02, weight_decay=0.01, clipnorm=1.0,
+                    use_ema=True, ema_momentum=0.9, ema_overwrite_frequency=4,
+                    loss_scale_factor=2.0, gradient_accumulation_steps=2,
+                    sparse_mode="lazy")
+    if name == "keras3_schedule":
+        return dict(base, learning_rate=keras.optimizers.schedules.ExponentialDecay(
+            0.02, 2, 0.5), clipvalue=0.5)
+    if name == "tf_keras_schedule":
+        return dict(base, learning_rate=tf_keras.optimizers.schedules.ExponentialDecay(
+            0.02, 2, 0.5), global_clipnorm=1.0)
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("case", ("float_kwargs", "keras3_schedule",
+                                  "tf_keras_schedule"))
+def test_from_config_gives_identical_trajectory(case):
+    opt = tf_adamax.Adamax(**_config_case(case))
+    config = opt.get_config()
+    clone = tf_adamax.Adamax.from_config(config)
+    assert clone.get_config() == config
+    assert clone.name == "my_adamax"
+    grads = _grad_sequence(5, 6)
+    w0, e0 = _initial_values(6)
+    runs = []
+    for o in (opt, clone):
+        variables = [tf.Variable(w0), tf.Variable(e0)]
+        _train(o, variables, grads)
+        o.finalize_variable_values(variables)
+        runs.append(snapshot(o, variables))
+    assert_same_state(runs[0], runs[1])

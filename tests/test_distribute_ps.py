@@ -1,0 +1,110 @@
+"""ParameterServerStrategy: a loopback cluster (this child is the chief; 2 workers and
+2 parameter servers run as in-process gRPC servers) trains the toy model with every
+variable sharded over both parameter servers (`FixedShardsPartitioner(2)`).
+
+One step is scheduled at a time and joined, so the result must equal the sequential
+single-device reference; lazy mode must leave never-gathered rows of each embedding
+shard (and their slots) untouched; slots are sharded like, and placed with, their
+variable shards.
+"""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+import dist_helpers as dh  # noqa: E402
+
+NUM_STEPS = 5
+NUM_WORKERS, NUM_PS = 2, 2
+# build="explicit": opt.build(var_list) under strategy.scope() before the first step;
+# "implicit": slots are created while the first scheduled step is traced (as in the
+# tf.distribute parameter-server tutorial).
+CONFIGS = (
+    [dict(sparse_mode="lazy", jit_compile=j, build=b)
+     for j in (True, False) for b in ("implicit", "explicit")]
+    + [dict(sparse_mode="exact", jit_compile=j) for j in (True, False)]
+    + [dict(sparse_mode="dense", jit_compile=True)]
+)
+CHILD_TIMEOUT = 240
+_KEEP_ALIVE = []
+
+
+def child_ps(configs, num_steps):
+    """Child: references first, then the cluster and every config under it."""
+    tf = dh.import_tf()
+    ids, y = dh.make_shard_balanced_batches(num_steps, NUM_PS)
+    init = dh.initial_values()
+    results, cache = {}, {}
+    for cfg in configs:
+        try:
+            results[dh.config_name(cfg)] = dh.reference_record(cfg, ids, y, init, cache=cache)
+        except Exception:  # noqa: BLE001 - reported by the owning test
+            results[dh.config_name(cfg)] = dh.error_record()
+    resolver, servers = dh.start_in_process_cluster(NUM_WORKERS, NUM_PS)
+    strategy = tf.distribute.experimental.ParameterServerStrategy(
+        resolver,
+        variable_partitioner=tf.distribute.experimental.partitioners.FixedShardsPartitioner(
+            NUM_PS))
+    coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+    # Kept alive to the end: a trainer dropped mid-run makes the coordinator log gRPC
+    # "Tried to remove non-existent function" noise for its functions.
+    trainers = []
+    for cfg in configs:
+        name = dh.config_name(cfg)
+        if "error" in results[name]:
+            continue
+        try:
+            trainer = dh.ParameterServerTrainer(strategy, coordinator, cfg, init, ids, y)
+            trainers.append(trainer)
+            trainer.run()
+            trainer.record(results[name])
+        except Exception:  # noqa: BLE001
+            results[name] = dh.error_record()
+    # Servers and trainers must outlive this function: the child exits with os._exit
+    # right after saving the results, without tearing the cluster down.
+    _KEEP_ALIVE.extend([servers, trainers])
+    return results
+
+
+@pytest.fixture(scope="module")
+def ps_results(tmp_path_factory):
+    return dh.run_child(f"{__name__}:child_ps", dict(configs=CONFIGS, num_steps=NUM_STEPS),
+                        tmp_path_factory.mktemp("ps"), CHILD_TIMEOUT)
+
+
+def _ps_task(device):
+    """"/job:ps/replica:0/task:1/device:CPU:0" -> 1 (None if not on a ps)."""
+    parts = dict(p.split(":", 1) for p in device.strip("/").split("/") if ":" in p)
+    return int(parts["task"]) if parts.get("job") == "ps" else None
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=dh.config_name)
+def test_parameter_server_matches_sequential_reference(ps_results, cfg):
+    rec = dh.check_record(ps_results[dh.config_name(cfg)])
+    # The embedding (and every other variable) is split over both parameter servers.
+    for name in dh.VAR_NAMES:
+        devices = rec[f"dist_shard_devices/{name}"]
+        assert [_ps_task(d) for d in devices] == list(range(NUM_PS)), (name, devices)
+        for slot in dh.SLOTS:
+            assert rec[f"dist_slot_devices/{slot}/{name}"] == devices, (
+                f"slot {slot!r} shards of {name} are not placed with the variable shards")
+            assert rec[f"dist_slot_rows/{slot}/{name}"] == rec[f"dist_shard_rows/{name}"], (
+                f"slot {slot!r} of {name} is not sharded like the variable")
+    assert rec["dist_iterations"] == NUM_STEPS
+    dh.assert_reference_matches_numpy(rec)
+    dh.assert_matches_reference(rec)
+    if cfg["sparse_mode"] == "lazy" and dh.optimizer_kind() == "adamax":
+        dh.assert_lazy_rows_untouched(rec)
+        # Both shards hold gathered and never-gathered rows, so the check covers both.
+        bounds = np.cumsum([0] + rec["dist_shard_rows/emb"])
+        untouched = np.setdiff1d(np.arange(dh.VOCAB), rec["gathered_rows"])
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            assert np.any((untouched >= lo) & (untouched < hi)), (lo, hi)
+            assert np.any((np.asarray(rec["gathered_rows"]) >= lo)
+                          & (np.asarray(rec["gathered_rows"]) < hi)), (lo, hi)

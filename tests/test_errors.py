@@ -1,0 +1,247 @@
+"""Bad input: clear errors naming what is wrong, and no state changed."""
+
+import logging
+import math
+import re
+import warnings
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_adamax
+
+from conftest import (AdamaxReference, SparseGrad, assert_same_state,
+                      check_against_reference, make_optimizer, snapshot)
+
+ROWS = 8
+
+
+def _mentions(*words):
+    """A regex matching a message that contains every word, in any order."""
+    return "(?s)" + "".join(f"(?=.*{re.escape(w)})" for w in words)
+
+
+# --------------------------------------------------------------------------
+# Constructor validation.
+# --------------------------------------------------------------------------
+BAD_HYPERPARAMETERS = [
+    (dict(learning_rate=-0.1), ("learning_rate", "-0.1")),
+    (dict(learning_rate=math.nan), ("learning_rate", "nan")),
+    (dict(learning_rate=math.inf), ("learning_rate", "inf")),
+    (dict(learning_rate=-math.inf), ("learning_rate", "inf")),
+    (dict(beta_1=1.0), ("beta_1", "1.0")),
+    (dict(beta_1=-0.1), ("beta_1", "-0.1")),
+    (dict(beta_1=math.nan), ("beta_1", "nan")),
+    (dict(beta_2=1.0), ("beta_2", "1.0")),
+    (dict(beta_2=1.5), ("beta_2", "1.5")),
+    (dict(beta_2=-0.5), ("beta_2", "-0.5")),
+    (dict(epsilon=-1e-7), ("epsilon", "-1e-07")),
+    (dict(sparse_mode="lazzy"), ("sparse_mode", "lazzy")),
+    (dict(sparse_mode="Exact"), ("sparse_mode", "Exact")),
+    (dict(clipnorm=1.0, global_clipnorm=1.0), ("clipnorm", "global_clipnorm")),
+]
+
+
+@pytest.mark.parametrize("kwargs,words", BAD_HYPERPARAMETERS,
+                         ids=[repr(k) for k, _ in BAD_HYPERPARAMETERS])
+def test_invalid_hyperparameter_raises(kwargs, words):
+    with pytest.raises(ValueError, match=_mentions(*words)):
+        tf_adamax.Adamax(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,word", [
+    (dict(learning_rate=tf.constant(-0.1)), "learning_rate"),
+    (dict(beta_1=tf.constant(1.0)), "beta_1"),
+    (dict(beta_2=tf.constant(-0.5)), "beta_2"),
+    (dict(epsilon=tf.constant(-1.0)), "epsilon"),
+], ids=["lr", "beta_1", "beta_2", "epsilon"])
+def test_invalid_scalar_tensor_hyperparameter_raises(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        tf_adamax.Adamax(**kwargs)
+
+
+# --------------------------------------------------------------------------
+# apply_gradients validation: a trained optimizer must be left untouched.
+# --------------------------------------------------------------------------
+def _trained(mode, sparse_mode="exact"):
+    rng = np.random.default_rng(11)
+    a = tf.Variable(rng.standard_normal((5, 3)).astype(np.float32), name="weights_a")
+    b = tf.Variable(rng.standard_normal((4,)).astype(np.float32), name="bias_b")
+    emb = tf.Variable(rng.standard_normal((ROWS, 3)).astype(np.float32),
+                      name="table_e")
+    opt = make_optimizer(mode, learning_rate=0.01, sparse_mode=sparse_mode)
+    for _ in range(2):
+        grads = [tf.constant(rng.standard_normal(v.shape).astype(np.float32))
+                 for v in (a, b, emb)]
+        opt.apply_gradients(zip(grads, (a, b, emb)))
+    return opt, [a, b, emb]
+
+
+def _call(opt, mode, grads_and_vars):
+    if mode == "function":
+        return tf.function(lambda: opt.apply_gradients(grads_and_vars))()
+    if mode == "xla":
+        return tf.function(lambda: opt.apply_gradients(grads_and_vars),
+                           jit_compile=True)()
+    return opt.apply_gradients(grads_and_vars)
+
+
+def _slices(indices, values):
+    values = np.asarray(values, np.float32)
+    return tf.IndexedSlices(tf.constant(values), tf.constant(indices, tf.int64),
+                            dense_shape=tf.constant([ROWS] + list(values.shape[1:]),
+                                                    tf.int64))
+
+
+@pytest.mark.parametrize("mode", ("eager", "function", "jit"))
+def test_dense_shape_mismatch_names_variable(mode):
+    opt, (a, b, emb) = _trained(mode)
+    before = snapshot(opt, [a, b, emb])
+    with pytest.raises(ValueError, match=_mentions("bias_b", "shape")):
+        _call(opt, mode, [(tf.ones((5, 3)), a), (tf.ones((5,)), b)])
+    assert_same_state(before, snapshot(opt, [a, b, emb]))
+
+
+@pytest.mark.parametrize("mode", ("eager", "jit"))
+def test_sparse_row_shape_mismatch_names_variable(mode):
+    opt, (a, b, emb) = _trained(mode)
+    before = snapshot(opt, [a, b, emb])
+    with pytest.raises(ValueError, match=_mentions("table_e", "shape")):
+        _call(opt, mode, [(tf.ones((5, 3)), a), (_slices([1, 2], np.ones((2, 4))), emb)])
+    assert_same_state(before, snapshot(opt, [a, b, emb]))
+
+
+@pytest.mark.parametrize("mode", ("eager", "jit"))
+def test_integer_variable_names_variable(mode):
+    opt, (a, b, emb) = _trained(mode)
+    counter = tf.Variable([1, 2, 3], dtype=tf.int32, name="int_counter")
+    before = snapshot(opt, [a, b, emb])
+    with pytest.raises((TypeError, ValueError), match="int_counter"):
+        _call(opt, mode, [(tf.ones((5, 3)), a), (tf.constant([1, 1, 1]), counter)])
+    assert_same_state(before, snapshot(opt, [a, b, emb]))
+    np.testing.assert_array_equal(counter.numpy(), [1, 2, 3])
+
+
+OUT_OF_RANGE = "(?i)out of range|out-of-range|outside|not in \\[0"
+
+
+@pytest.mark.parametrize("sparse_mode", ("exact", "lazy"))
+@pytest.mark.parametrize("mode,bad", [("eager", ROWS), ("eager", -1),
+                                      ("function", ROWS)])
+def test_out_of_range_indices_raise_and_change_nothing(mode, bad, sparse_mode):
+    opt, (a, b, emb) = _trained(mode, sparse_mode)
+    before = snapshot(opt, [a, b, emb])
+    bad_grad = _slices([1, bad, 3], np.ones((3, 3)))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=OUT_OF_RANGE):
+        _call(opt, mode, [(tf.ones((5, 3)), a), (tf.ones((4,)), b), (bad_grad, emb)])
+    assert_same_state(before, snapshot(opt, [a, b, emb]))
+
+
+def _expect_dropped(opt, emb, emb_before, slots_before, indices, values, bad,
+                    sparse_mode):
+    """The reference run of the same step without the out-of-range row."""
+    ref = AdamaxReference(learning_rate=0.01, sparse_mode=sparse_mode)
+    ref.iterations = int(opt.iterations.numpy()) - 1
+    ref.add_variable(0, emb_before, np.float32)
+    ref.m[0], ref.u[0] = slots_before
+    keep = np.asarray(indices) != bad
+    ref.apply({0: SparseGrad(np.asarray(indices)[keep], values[keep])})
+    check_against_reference(opt, [emb], ref, [0], err_msg="dropped row")
+
+
+@pytest.mark.parametrize("sparse_mode", ("exact", "lazy"))
+@pytest.mark.parametrize("opt_jit,bad", [(True, ROWS), (True, -1), (False, ROWS)])
+def test_out_of_range_row_is_dropped_inside_xla(opt_jit, bad, sparse_mode):
+    """XLA cannot assert: the bad row is dropped, never clamped onto a row."""
+    opt, (a, b, emb) = _trained("jit" if opt_jit else "eager", sparse_mode)
+    emb_before = emb.numpy().astype(np.float64)
+    slots_before = [opt.get_slot(emb, s).numpy().astype(np.float64)
+                    for s in ("momentum", "norm")]
+    indices = [1, bad, 3, 1]
+    values = np.array([[0.5, -0.5, 0.25], [50.0, -50.0, 50.0],
+                       [0.1, 0.2, 0.3], [-0.2, 0.1, 0.05]])
+    step = tf.function(lambda g: opt.apply_gradients([(g, emb)]), jit_compile=True)
+    step(_slices(indices, values))
+    _expect_dropped(opt, emb, emb_before, slots_before, indices, values, bad,
+                    sparse_mode)
+
+
+@pytest.mark.parametrize("sparse_mode", ("exact", "lazy"))
+def test_out_of_range_with_compiled_optimizer_called_eagerly(sparse_mode):
+    """jit_compile=True, eager call: a clear error with no state change, or the
+    documented XLA behaviour (row dropped) — never a clamped update."""
+    opt, (a, b, emb) = _trained("jit", sparse_mode)
+    before = snapshot(opt, [a, b, emb])
+    emb_before = emb.numpy().astype(np.float64)
+    slots_before = [opt.get_slot(emb, s).numpy().astype(np.float64)
+                    for s in ("momentum", "norm")]
+    indices = [1, ROWS, 3]
+    values = np.array([[0.5, -0.5, 0.25], [50.0, -50.0, 50.0], [0.1, 0.2, 0.3]])
+    try:
+        opt.apply_gradients([(_slices(indices, values), emb)])
+    except tf.errors.InvalidArgumentError as e:
+        assert re.search(OUT_OF_RANGE, str(e)), str(e)
+        assert_same_state(before, snapshot(opt, [a, b, emb]))
+    else:
+        _expect_dropped(opt, emb, emb_before, slots_before, indices, values, ROWS,
+                        sparse_mode)
+
+
+# --------------------------------------------------------------------------
+# None gradients.
+# --------------------------------------------------------------------------
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self.records = {}
+
+    def emit(self, record):
+        # A record may reach several of the hooked loggers; count it once.
+        self.records[id(record)] = record.getMessage()
+
+
+def _count_none_warnings(fn):
+    """Runs fn; counts gradient warnings from `warnings` and from logging."""
+    handler = _Records()
+    loggers = [logging.getLogger(), logging.getLogger("tensorflow"),
+               logging.getLogger("tf_adamax")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    texts = [str(w.message) for w in caught] + list(handler.records.values())
+    return [t for t in texts if re.search("(?i)gradient", t)]
+
+
+@pytest.mark.parametrize("mode", ("eager", "jit", "function"))
+def test_none_gradients_skipped_with_one_warning(mode):
+    rng = np.random.default_rng(2)
+    x0 = rng.standard_normal((5, 3)).astype(np.float32)
+    y0 = rng.standard_normal((4,)).astype(np.float32)
+    frozen = tf.Variable(x0, name="frozen_w")
+    live = tf.Variable(y0, name="live_b")
+    opt = make_optimizer(mode, learning_rate=0.01)
+    ref = AdamaxReference(learning_rate=0.01)
+    ref.add_variable(0, y0, np.float32)
+    grads = [rng.standard_normal((4,)).astype(np.float32) for _ in range(3)]
+
+    def call(g):
+        _call(opt, mode, [(None, frozen), (tf.constant(g), live)])
+        ref.apply({0: g})
+
+    first = _count_none_warnings(lambda: call(grads[0]))
+    assert len(first) == 1, first
+    later = _count_none_warnings(lambda: (call(grads[1]), call(grads[2])))
+    assert later == [], later  # once per optimizer
+    np.testing.assert_array_equal(frozen.numpy(), x0)
+    check_against_reference(opt, [live], ref, [0])
+    # A new optimizer warns again.
+    other = make_optimizer("eager", learning_rate=0.01)
+    again = _count_none_warnings(
+        lambda: other.apply_gradients([(None, frozen), (tf.ones((4,)), live)]))
+    assert len(again) == 1, again

@@ -1,0 +1,479 @@
+"""`tf_adamax.tf_keras.Adamax`: the tf-keras (Keras 2) adapter.
+
+Oracles: `tf_keras.optimizers.Adamax` for dense gradients and tf-keras's
+base-class features, the NumPy float64 `reference.AdamaxReference` for sparse
+gradients that repeat an index.
+
+Unlike Keras 3's, tf-keras's built-in Adamax gets repeated sparse indices
+right without clipping: its base class deduplicates IndexedSlices (sums the
+repeated rows) before `update_step`. It clips before deduplicating, though,
+so with `clipnorm` a repeated token is clipped per copy; the adapter sums
+first (`test_sparse_clipping_*`).
+"""
+
+import ast
+import copy
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+
+import tf_adamax.tf_keras
+from reference import AdamaxReference, SparseGrad
+
+Adamax = tf_adamax.tf_keras.Adamax
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_MODES = {
+    "eager": dict(run_eagerly=True),
+    "graph": dict(run_eagerly=False, jit_compile=False),
+    "jit": dict(run_eagerly=False, jit_compile=True),
+}
+
+
+def child_env():
+    """Environment for a child Python that imports this checkout."""
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+            "PYTHONPATH": REPO_ROOT + (os.pathsep + path if path else "")}
+
+
+# ----------------------------------------------------------------------------
+# Dense model: identical to tf_keras.optimizers.Adamax.
+# ----------------------------------------------------------------------------
+def dense_data(n=80):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(n, 5)).astype("float32")
+    y = (np.sin(x[:, :1]) + 0.1 * x[:, 1:2]).astype("float32")
+    return x, y
+
+
+def dense_model():
+    tf_keras.utils.set_random_seed(0)
+    return tf_keras.Sequential([
+        tf_keras.layers.Dense(8, activation="tanh", input_shape=(5,),
+                              name="hidden"),
+        tf_keras.layers.Dense(1, name="out"),
+    ])
+
+
+def fit_dense(optimizer, mode="graph", epochs=1, n=80, batch_size=4):
+    model = dense_model()
+    model.compile(optimizer=optimizer, loss="mse", **RUN_MODES[mode])
+    x, y = dense_data(n)
+    history = model.fit(x, y, batch_size=batch_size, epochs=epochs,
+                        shuffle=False, verbose=0)
+    return model, history
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    assert len(a.weights) == len(b.weights)
+    for wa, wb in zip(a.weights, b.weights):
+        np.testing.assert_allclose(wa.numpy(), wb.numpy(), rtol=0, atol=atol,
+                                   err_msg=wa.name)
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+def test_dense_fit_matches_tf_keras_adamax(mode):
+    # 80 samples / batch 4 = 20 steps.
+    ours, _ = fit_dense(Adamax(learning_rate=0.01), mode)
+    theirs, _ = fit_dense(tf_keras.optimizers.Adamax(learning_rate=0.01), mode)
+    assert int(ours.optimizer.iterations.numpy()) == 20
+    assert_same_weights(ours, theirs)
+    for va, vb in zip(ours.optimizer.variables, theirs.optimizer.variables):
+        assert va.name == vb.name  # same slot names: drop-in checkpoints
+        np.testing.assert_allclose(va.numpy(), vb.numpy(), atol=1e-6)
+    for w, w0 in zip(ours.weights, dense_model().weights):
+        assert not np.allclose(w.numpy(), w0.numpy())
+
+
+FEATURES = {
+    "schedule": dict(
+        learning_rate=tf_keras.optimizers.schedules.ExponentialDecay(
+            0.05, decay_steps=4, decay_rate=0.5)),
+    "weight_decay_exclude": dict(weight_decay=0.5, learning_rate=0.05),
+    "clipnorm": dict(clipnorm=0.5),
+    "clipvalue": dict(clipvalue=0.3),
+    "global_clipnorm": dict(global_clipnorm=0.5),
+    "ema": dict(use_ema=True, ema_momentum=0.9, ema_overwrite_frequency=3),
+}
+
+
+def apply_fixed_gradients(opt, steps=10, exclude_bias=False):
+    """10 apply_gradients calls with the same pseudo-random dense gradients."""
+    rng = np.random.default_rng(4)
+    kernel = tf.Variable(rng.normal(size=(3, 2)).astype("float32"),
+                         name="kernel")
+    bias = tf.Variable(np.zeros(2, "float32"), name="bias")
+    if exclude_bias:
+        opt.exclude_from_weight_decay(var_names=["bias"])
+    for _ in range(steps):
+        grads = [tf.constant(rng.normal(size=v.shape), "float32")
+                 for v in (kernel, bias)]
+        opt.apply_gradients(zip(grads, [kernel, bias]))
+    opt.finalize_variable_values([kernel, bias])
+    return [kernel.numpy(), bias.numpy()] + [v.numpy() for v in opt.variables]
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_tf_keras_features_match_tf_keras_adamax(feature):
+    exclude = feature == "weight_decay_exclude"
+    ours = apply_fixed_gradients(Adamax(**FEATURES[feature]),
+                                 exclude_bias=exclude)
+    theirs = apply_fixed_gradients(
+        tf_keras.optimizers.Adamax(**FEATURES[feature]), exclude_bias=exclude)
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    if exclude:
+        decayed = apply_fixed_gradients(Adamax(**FEATURES[feature]))
+        assert not np.allclose(decayed[1], ours[1])
+
+
+def test_lr_callback_reads_and_sets_learning_rate():
+    def fit(cls):
+        model = dense_model()
+        model.compile(optimizer=cls(learning_rate=0.05), loss="mse")
+        x, y = dense_data(16)
+        model.fit(x, y, batch_size=4, epochs=3, shuffle=False, verbose=0,
+                  callbacks=[tf_keras.callbacks.LearningRateScheduler(
+                      lambda epoch, lr: lr * 0.5)])
+        return model
+
+    ours, theirs = fit(Adamax), fit(tf_keras.optimizers.Adamax)
+    np.testing.assert_allclose(float(ours.optimizer.learning_rate), 0.05 / 8,
+                               rtol=1e-6)
+    assert_same_weights(ours, theirs)
+
+
+# ----------------------------------------------------------------------------
+# Embedding with repeated tokens of opposite gradient sign.
+# ----------------------------------------------------------------------------
+VOCAB, DIM, TOKENS, BATCH, STEPS = 8, 3, 3, 4, 12
+EMB_LR = 0.05
+
+
+def embedding_batches():
+    """Token ids and per-token loss coefficients (the gradients, up to 1/B).
+
+    Token 0 and 1 of every example are the same id, with coefficients of
+    opposite sign (partial cancellation). Rows 6 and 7 never occur; others
+    are missing from some batches, which tells exact from lazy. All values
+    are multiples of 1/16 and BATCH a power of two: float32 sums are exact.
+    """
+    rng = np.random.default_rng(7)
+    n = BATCH * STEPS
+    ids = rng.integers(0, VOCAB - 2, size=(n, TOKENS))
+    ids[:, 1] = ids[:, 0]
+    coef = rng.integers(-8, 9, size=(n, TOKENS, DIM)) / 8.0
+    coef[:, 0] = np.where(coef[:, 0] == 0, 0.5, coef[:, 0])
+    coef[:, 1] = -0.5 * coef[:, 0]
+    return ids.astype("int32"), coef.astype("float32")
+
+
+def linear_token_loss(y_true, y_pred):
+    # d loss / d embedding[id] = sum of the coefficients of id's occurrences.
+    return tf.reduce_sum(y_true * y_pred, axis=[1, 2])
+
+
+def embedding_init():
+    rng = np.random.default_rng(3)
+    return rng.normal(size=(VOCAB, DIM)).astype("float32")
+
+
+def fit_embedding(optimizer, mode):
+    inputs = tf_keras.Input((TOKENS,), dtype="int32")
+    outputs = tf_keras.layers.Embedding(VOCAB, DIM, name="emb")(inputs)
+    model = tf_keras.Model(inputs, outputs)
+    model.set_weights([embedding_init()])
+    model.compile(optimizer=optimizer, loss=linear_token_loss,
+                  **RUN_MODES[mode])
+    ids, coef = embedding_batches()
+    model.fit(ids, coef, batch_size=BATCH, shuffle=False, verbose=0)
+    return model
+
+
+def embedding_reference(sparse_mode):
+    ref = AdamaxReference(learning_rate=EMB_LR, sparse_mode=sparse_mode)
+    ref.add_variable("emb", embedding_init(), np.float32)
+    ids, coef = embedding_batches()
+    for s in range(STEPS):
+        batch = slice(s * BATCH, (s + 1) * BATCH)
+        ref.apply({"emb": SparseGrad(ids[batch].ravel(),
+                                     coef[batch].reshape(-1, DIM) / BATCH)})
+    return ref
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+@pytest.mark.parametrize("sparse_mode", ["exact", "lazy"])
+def test_embedding_duplicates_match_reference(sparse_mode, mode):
+    opt = Adamax(learning_rate=EMB_LR, sparse_mode=sparse_mode)
+    model = fit_embedding(opt, mode)
+    ref = embedding_reference(sparse_mode)
+    emb = model.get_layer("emb").embeddings
+    np.testing.assert_allclose(emb.numpy(), ref.w["emb"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(opt._m[0].numpy(), ref.m["emb"], rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(opt._u[0].numpy(), ref.u["emb"], rtol=1e-5,
+                               atol=1e-6)
+    other = embedding_reference("lazy" if sparse_mode == "exact" else "exact")
+    assert np.abs(other.w["emb"] - ref.w["emb"]).max() > 1e-3
+    np.testing.assert_array_equal(emb.numpy()[6:], embedding_init()[6:])
+
+
+def test_tf_keras_builtin_adamax_is_right_on_repeated_tokens():
+    """What is true: tf-keras dedups IndexedSlices before update_step.
+
+    So its built-in Adamax equals the densified reference here (unlike
+    Keras 3's). Its sparse update is always exact-mode (no lazy option).
+    """
+    builtin = fit_embedding(
+        tf_keras.optimizers.Adamax(learning_rate=EMB_LR), "eager")
+    ref = embedding_reference("exact").w["emb"]
+    np.testing.assert_allclose(builtin.get_layer("emb").embeddings.numpy(),
+                               ref, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Sparse gradients through clipping: each repeated index is clipped once.
+# ----------------------------------------------------------------------------
+def clipped_sparse_run(opt, sparse_mode, clip, jit, steps=3):
+    rng = np.random.default_rng(11)
+    init = rng.normal(size=(6, 2)).astype("float32")
+    var = tf.Variable(init, name="table")
+    ref = AdamaxReference(learning_rate=0.1, sparse_mode=sparse_mode, **clip)
+    ref.add_variable("table", init, np.float32)
+    opt.build([var])
+
+    def step(values, indices):
+        opt.apply_gradients([(tf.IndexedSlices(values, indices,
+                                               tf.constant([6, 2])), var)])
+
+    if jit:
+        step = tf.function(step, jit_compile=True)
+    for _ in range(steps):
+        indices = np.array([1, 4, 1, 1, 3], "int32")
+        values = rng.normal(size=(5, 2)).astype("float32")
+        values[2] = -0.7 * values[0]  # opposite-sign duplicates of row 1
+        step(tf.constant(values), tf.constant(indices))
+        ref.apply({"table": SparseGrad(indices, values)})
+    return var, ref
+
+
+@pytest.mark.parametrize("sparse_mode", ["exact", "lazy"])
+@pytest.mark.parametrize("clip", [dict(clipnorm=0.5), dict(clipvalue=0.3),
+                                  dict(global_clipnorm=0.5)],
+                         ids=["clipnorm", "clipvalue", "global_clipnorm"])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "xla"])
+def test_sparse_clipping_sums_duplicates_first(clip, sparse_mode, jit):
+    opt = Adamax(learning_rate=0.1, sparse_mode=sparse_mode, **clip)
+    var, ref = clipped_sparse_run(opt, sparse_mode, clip, jit)
+    np.testing.assert_allclose(var.numpy(), ref.w["table"], rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(opt._u[0].numpy(), ref.u["table"], rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_tf_keras_builtin_clips_repeated_rows_per_copy():
+    """Documents why the adapter sums before clipping: the built-in doesn't."""
+    clip = dict(clipnorm=0.5)
+    builtin = tf_keras.optimizers.Adamax(learning_rate=0.1, **clip)
+    var, ref = clipped_sparse_run(builtin, "exact", clip, jit=False)
+    assert np.abs(var.numpy() - ref.w["table"]).max() > 1e-3
+
+
+# ----------------------------------------------------------------------------
+# Saving: .keras and SavedModel round trips keep the optimizer state.
+# ----------------------------------------------------------------------------
+def token_regression_data(n=48):
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 20, size=(n, 4)).astype("int32")
+    y = (ids % 3 == 0).mean(axis=1, keepdims=True).astype("float32")
+    return ids, y
+
+
+def token_model():
+    tf_keras.utils.set_random_seed(2)
+    inputs = tf_keras.Input((4,), dtype="int32")
+    hidden = tf_keras.layers.GlobalAveragePooling1D()(
+        tf_keras.layers.Embedding(20, 4)(inputs))
+    return tf_keras.Model(inputs, tf_keras.layers.Dense(1)(hidden))
+
+
+@pytest.mark.parametrize("save_format", ["keras", "tf"])
+def test_save_and_load_restores_optimizer_state(tmp_path, save_format):
+    ids, y = token_regression_data()
+    first, second = slice(0, 24), slice(24, 48)
+    fit = dict(batch_size=4, shuffle=False, verbose=0)
+
+    model = token_model()
+    model.compile(optimizer=Adamax(0.02, sparse_mode="lazy"), loss="mse")
+    model.fit(ids[first], y[first], **fit)
+    if save_format == "keras":
+        path = str(tmp_path / "model.keras")
+        model.save(path)
+    else:
+        path = str(tmp_path / "saved_model")
+        model.save(path, save_format="tf")
+    model.fit(ids[second], y[second], **fit)  # uninterrupted
+
+    # No custom_objects: importing tf_adamax.tf_keras registered the class.
+    restored = tf_keras.models.load_model(path)
+    if save_format == "tf":
+        # tf-keras's SavedModel loader re-creates the optimizer from its
+        # config but never restores its state (for any optimizer, the
+        # built-in Adamax included); the state is in the SavedModel's
+        # checkpoint, keyed by object, slots restored when they are built.
+        tf.train.Checkpoint(restored).read(
+            os.path.join(path, "variables", "variables")).expect_partial()
+    opt = restored.optimizer
+    assert type(opt) is Adamax
+    assert opt.sparse_mode == "lazy"
+    assert int(opt.iterations.numpy()) == 6
+    restored.fit(ids[second], y[second], **fit)
+    assert_same_weights(model, restored, atol=1e-7)
+    for va, vb in zip(model.optimizer.variables, opt.variables):
+        np.testing.assert_allclose(va.numpy(), vb.numpy(), atol=1e-7)
+
+
+# ----------------------------------------------------------------------------
+# Config and serialization.
+# ----------------------------------------------------------------------------
+def full_optimizer(**overrides):
+    kwargs = dict(learning_rate=0.02, beta_1=0.8, beta_2=0.99, epsilon=1e-6,
+                  weight_decay=0.01, clipnorm=1.0, use_ema=True,
+                  ema_momentum=0.9, ema_overwrite_frequency=5,
+                  jit_compile=False, name="my_adamax", sparse_mode="lazy")
+    kwargs.update(overrides)
+    return Adamax(**kwargs)
+
+
+def test_get_config_has_every_constructor_argument():
+    config = full_optimizer().get_config()
+    params = set(inspect.signature(Adamax.__init__).parameters)
+    assert params - {"self", "kwargs"} <= set(config)
+    assert config["sparse_mode"] == "lazy"
+    assert config["name"] == "my_adamax"
+    json.dumps({k: float(v) if isinstance(v, np.floating) else v
+                for k, v in config.items()})
+    assert Adamax().get_config()["name"] == "Adamax"
+
+
+@pytest.mark.parametrize("lr", ["float", "schedule"])
+def test_serialization_round_trip(lr):
+    overrides = {}
+    if lr == "schedule":
+        overrides["learning_rate"] = (
+            tf_keras.optimizers.schedules.CosineDecay(0.1, decay_steps=100))
+    opt = full_optimizer(**overrides)
+    config = opt.get_config()
+    # from_config replaces a schedule's dict by the object: pass a copy.
+    via_get = tf_keras.optimizers.get({"class_name": "tf_adamax>Adamax",
+                                       "config": copy.deepcopy(config)})
+    via_deserialize = tf_keras.optimizers.deserialize(
+        tf_keras.optimizers.serialize(opt))
+    for restored in (via_get, via_deserialize):
+        assert type(restored) is Adamax
+        assert restored.get_config() == config
+
+
+def test_invalid_sparse_mode_names_value_and_choices():
+    with pytest.raises(ValueError, match=r"sparse_mode.*'Lazy'.*'exact', 'lazy'"):
+        Adamax(sparse_mode="Lazy")
+
+
+@pytest.mark.parametrize("arg,value", [("beta_1", 1.0), ("beta_2", -0.1),
+                                       ("epsilon", -1e-7)])
+def test_invalid_hyperparameter_names_argument_and_value(arg, value):
+    with pytest.raises(ValueError, match=rf"{arg}.*{value}"):
+        Adamax(**{arg: value})
+
+
+# ----------------------------------------------------------------------------
+# Mixed precision.
+# ----------------------------------------------------------------------------
+@pytest.fixture
+def policy():
+    yield tf_keras.mixed_precision.set_global_policy
+    tf_keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("name", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_trains_like_tf_keras_adamax(policy, name):
+    policy(name)
+    ours, history = fit_dense(Adamax(learning_rate=0.02), epochs=3, n=64,
+                              batch_size=8)
+    theirs, _ = fit_dense(tf_keras.optimizers.Adamax(learning_rate=0.02),
+                          epochs=3, n=64, batch_size=8)
+    if name == "mixed_float16":
+        # compile() wrapped ours in the dynamic loss-scaling optimizer.
+        assert isinstance(ours.optimizer,
+                          tf_keras.mixed_precision.LossScaleOptimizer)
+        assert type(ours.optimizer.inner_optimizer) is Adamax
+        assert np.isfinite(float(ours.optimizer.loss_scale))
+    else:
+        assert type(ours.optimizer) is Adamax
+    losses = history.history["loss"]
+    assert all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0]
+    for w in ours.weights:
+        assert w.dtype == tf.float32 and np.all(np.isfinite(w.numpy()))
+    assert_same_weights(ours, theirs, atol=2e-3)
+
+
+def test_half_precision_variables_get_float32_slots():
+    var = tf.Variable(np.full((3, 2), 0.5), dtype=tf.float16)
+    opt = Adamax(learning_rate=0.01)
+    for _ in range(3):
+        opt.apply_gradients([(tf.constant(np.full((3, 2), 1e-3), tf.float16),
+                              var)])
+    assert opt._m[0].dtype == tf.float32 and opt._u[0].dtype == tf.float32
+    ref = AdamaxReference(learning_rate=0.01)
+    ref.add_variable("v", np.full((3, 2), 0.5), np.float16)
+    for _ in range(3):
+        ref.apply({"v": np.full((3, 2), np.float16(1e-3), np.float64)})
+    np.testing.assert_allclose(var.numpy(), ref.w["v"], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(opt._m[0].numpy(), ref.m["v"], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# The example, and which Keras each adapter imports.
+# ----------------------------------------------------------------------------
+def test_example_runs_and_loss_falls():
+    proc = subprocess.run(
+        [sys.executable,
+         os.path.join(REPO_ROOT, "examples", "tf_keras_fit.py")],
+        env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("classifier", "embedding"):
+        losses = [float(line.split(" loss ")[1].split()[0])
+                  for line in proc.stdout.splitlines()
+                  if line.startswith(name + " epoch")]
+        assert len(losses) == 5, proc.stdout
+        assert losses[-1] < 0.6 * losses[0], (name, losses)
+
+
+def imported_top_level_modules(module):
+    """Top-level names a module's source imports (TensorFlow itself imports
+    Keras 3, so sys.modules cannot tell which Keras an adapter uses)."""
+    tree = ast.parse(inspect.getsource(module))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_each_adapter_imports_only_its_own_keras():
+    tf_keras_adapter = imported_top_level_modules(tf_adamax.tf_keras)
+    assert "tf_keras" in tf_keras_adapter and "keras" not in tf_keras_adapter
+    import tf_adamax.keras as keras3_adapter_module
+    keras3_adapter = imported_top_level_modules(keras3_adapter_module)
+    assert "keras" in keras3_adapter and "tf_keras" not in keras3_adapter
