@@ -16,7 +16,7 @@ runs the training loop below.
 * The coordinator schedules steps asynchronously on whichever worker is free, reading
   from per-worker datasets.
 
-Run: python examples/parameter_server.py [--steps 40]
+Run: python examples/parameter_server.py [--steps 20]
 """
 
 import argparse
@@ -95,7 +95,7 @@ def dataset_fn(input_context=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args(argv)
 
     resolver, servers = start_local_cluster()
@@ -151,8 +151,10 @@ def main(argv=None):
           + ", ".join(f"{tuple(s.shape)} on {s.device}" for s in shards))
     print(f"optimizer: tf_adamax.Adamax(sparse_mode='lazy'), "
           f"iterations={int(opt.iterations.numpy())}")
-    head, tail = np.mean(losses[:5]), np.mean(losses[-5:])
-    print(f"loss (mean of 5): {head:.4f} -> {tail:.4f} over {args.steps} scheduled steps")
+    window = max(1, args.steps // 4)
+    head, tail = np.mean(losses[:window]), np.mean(losses[-window:])
+    print(f"loss (mean of first/last {window}): {head:.4f} -> {tail:.4f} over "
+          f"{args.steps} scheduled steps")
     print(f"slots placed with their shards: {placed_ok}")
     print(f"embedding rows changed: {len(changed)} of {VOCAB} (rows in the data: "
           f"{len(USED_ROWS)}); unused rows and their slots untouched: {lazy_ok}")

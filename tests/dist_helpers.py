@@ -284,6 +284,25 @@ def run_child(target, kwargs, workdir, timeout, name="child"):
     return run_children([(name, target, kwargs, None)], workdir, timeout)[name]
 
 
+def run_script(path, args, timeout):
+    """Runs ``python path *args`` (own process group, killed on any exit).
+
+    Returns ``(exit_code, combined_output)``; raises ChildFailed at the deadline.
+    """
+    proc = subprocess.Popen([sys.executable, path, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env=child_env(), cwd=REPO_ROOT, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out.decode(errors="replace")
+    except subprocess.TimeoutExpired:
+        raise ChildFailed(f"{path} {args} did not finish in {timeout}s") from None
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def worker_tf_config(ports, index, job="worker"):
     """TF_CONFIG (JSON string) for task `index` of a loopback cluster of `ports`."""
     cluster = {job: [f"{LOOPBACK}:{p}" for p in ports]}

@@ -20,8 +20,10 @@ import dist_helpers as dh  # noqa: E402
 
 NUM_STEPS = 5
 NUM_WORKERS = 2
-CONFIGS = [dict(sparse_mode=m, jit_compile=j) for m in ("dense", "exact", "lazy")
-           for j in (True, False)]
+CONFIGS = [dict(sparse_mode="dense", jit_compile=True),
+           dict(sparse_mode="exact", jit_compile=True),
+           dict(sparse_mode="lazy", jit_compile=True),
+           dict(sparse_mode="lazy", jit_compile=False)]
 # Whole cluster, start to stop. A worker whose peer died fails its collectives after
 # COLLECTIVE_TIMEOUT instead of waiting forever.
 CLUSTER_TIMEOUT = 240

@@ -241,13 +241,26 @@ def test_tf_keras_builtin_adamax_is_right_on_repeated_tokens():
 
 
 # ----------------------------------------------------------------------------
-# Sparse gradients through clipping: each repeated index is clipped once.
+# Sparse gradients through tf-keras's machinery (clipping, decay, ...).
 # ----------------------------------------------------------------------------
-def clipped_sparse_run(opt, sparse_mode, clip, jit, steps=3):
+def sparse_run(optimizer_class, sparse_mode, jit, steps=3, **kwargs):
+    """`steps` IndexedSlices updates of a 6x2 table, and the reference's.
+
+    Row 1 is named three times per step, twice with opposite signs; rows
+    0, 2 and 5 are never named.
+    """
     rng = np.random.default_rng(11)
     init = rng.normal(size=(6, 2)).astype("float32")
     var = tf.Variable(init, name="table")
-    ref = AdamaxReference(learning_rate=0.1, sparse_mode=sparse_mode, **clip)
+    kwargs = {"learning_rate": 0.1, **kwargs}
+    extra = {"sparse_mode": sparse_mode} if optimizer_class is Adamax else {}
+    opt = optimizer_class(**kwargs, **extra)
+    ref_kwargs = dict(kwargs)
+    if isinstance(kwargs["learning_rate"],
+                  tf_keras.optimizers.schedules.LearningRateSchedule):
+        schedule = kwargs["learning_rate"]
+        ref_kwargs["learning_rate"] = lambda step: float(schedule(step))
+    ref = AdamaxReference(sparse_mode=sparse_mode, **ref_kwargs)
     ref.add_variable("table", init, np.float32)
     opt.build([var])
 
@@ -263,28 +276,43 @@ def clipped_sparse_run(opt, sparse_mode, clip, jit, steps=3):
         values[2] = -0.7 * values[0]  # opposite-sign duplicates of row 1
         step(tf.constant(values), tf.constant(indices))
         ref.apply({"table": SparseGrad(indices, values)})
-    return var, ref
+    return var, opt, ref
 
 
-@pytest.mark.parametrize("sparse_mode", ["exact", "lazy"])
-@pytest.mark.parametrize("clip", [dict(clipnorm=0.5), dict(clipvalue=0.3),
-                                  dict(global_clipnorm=0.5)],
-                         ids=["clipnorm", "clipvalue", "global_clipnorm"])
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "xla"])
-def test_sparse_clipping_sums_duplicates_first(clip, sparse_mode, jit):
-    opt = Adamax(learning_rate=0.1, sparse_mode=sparse_mode, **clip)
-    var, ref = clipped_sparse_run(opt, sparse_mode, clip, jit)
+def assert_matches_reference(var, opt, ref):
     np.testing.assert_allclose(var.numpy(), ref.w["table"], rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(opt._m[0].numpy(), ref.m["table"], rtol=1e-5,
                                atol=1e-6)
     np.testing.assert_allclose(opt._u[0].numpy(), ref.u["table"], rtol=1e-5,
                                atol=1e-6)
 
 
+SPARSE_OPTIONS = {
+    "clipnorm": dict(clipnorm=0.5),
+    "clipvalue": dict(clipvalue=0.3),
+    "global_clipnorm": dict(global_clipnorm=0.5),
+    "weight_decay": dict(weight_decay=0.2),
+    "schedule": dict(
+        learning_rate=tf_keras.optimizers.schedules.ExponentialDecay(
+            0.1, decay_steps=1, decay_rate=0.5)),
+}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "xla"])
+@pytest.mark.parametrize("sparse_mode", ["exact", "lazy"])
+@pytest.mark.parametrize("option", sorted(SPARSE_OPTIONS))
+def test_sparse_with_tf_keras_options_matches_reference(option, sparse_mode,
+                                                         jit):
+    """Includes clipping: each repeated index is clipped once (summed)."""
+    assert_matches_reference(
+        *sparse_run(Adamax, sparse_mode, jit, **SPARSE_OPTIONS[option]))
+
+
 def test_tf_keras_builtin_clips_repeated_rows_per_copy():
     """Documents why the adapter sums before clipping: the built-in doesn't."""
-    clip = dict(clipnorm=0.5)
-    builtin = tf_keras.optimizers.Adamax(learning_rate=0.1, **clip)
-    var, ref = clipped_sparse_run(builtin, "exact", clip, jit=False)
+    var, _, ref = sparse_run(tf_keras.optimizers.Adamax, "exact", False,
+                             clipnorm=0.5)
     assert np.abs(var.numpy() - ref.w["table"]).max() > 1e-3
 
 
@@ -477,3 +505,10 @@ def test_each_adapter_imports_only_its_own_keras():
     import tf_adamax.keras as keras3_adapter_module
     keras3_adapter = imported_top_level_modules(keras3_adapter_module)
     assert "keras" in keras3_adapter and "tf_keras" not in keras3_adapter
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    result = doctest.testmod(tf_adamax.tf_keras, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

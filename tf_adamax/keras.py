@@ -6,7 +6,8 @@ translates Keras 3's optimizer protocol (`build` / `update_step`) to it.
 Everything else Keras 3 users rely on -- learning-rate schedules, clipping,
 decoupled weight decay, EMA, gradient accumulation, `loss_scale_factor`,
 the `LossScaleOptimizer` that mixed precision adds, `tf.distribute` -- is
-Keras 3's own base-class machinery, left untouched.
+Keras 3's own base-class machinery, used as is; the adapter only prepares
+sparse gradients for it (`Adamax.apply`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,19 @@ def _sum_duplicate_rows(slices):
     mask = tf.reshape(tf.cast(is_first, sums.dtype),
                       [-1] + [1] * (sums.shape.rank - 1))
     return tf.IndexedSlices(sums * mask, indices, slices.dense_shape)
+
+
+class _DivisibleSlices(tf.IndexedSlices):
+    """An IndexedSlices that Keras 3 can unscale.
+
+    `Optimizer.apply` divides every gradient by `loss_scale_factor` with `/`,
+    which `tf.IndexedSlices` does not support (a TypeError for any Keras 3
+    optimizer). Dividing the values keeps the gradient sparse.
+    """
+
+    def __truediv__(self, scale):
+        return tf.IndexedSlices(self.values / tf.cast(scale, self.values.dtype),
+                                self.indices, self.dense_shape)
 
 
 @keras.saving.register_keras_serializable(package="tf_adamax")
@@ -78,8 +92,13 @@ class Adamax(keras.optimizers.Optimizer):
       is O(rows in the batch), independent of the vocabulary size.
 
     Clipping, weight decay, EMA, gradient accumulation and loss scaling are
-    Keras 3's and behave as for any Keras 3 optimizer; clipping of a sparse
-    gradient sees each repeated index once, as for the densified gradient.
+    Keras 3's and behave as for any Keras 3 optimizer, with sparse gradients
+    too: clipping sees each repeated index once, as for the densified
+    gradient, and `loss_scale_factor` divides them (which Keras 3's own
+    optimizers fail to do). Keras applies weight decay to every row and
+    accumulates gradients in dense buffers, so with `weight_decay` all rows
+    decay, and with `gradient_accumulation_steps` every update is dense
+    (`t` then counts updates, not calls, as in `keras.optimizers.Adamax`).
 
     Args:
       learning_rate: A float, a `keras.optimizers.schedules.LearningRateSchedule`,
@@ -241,15 +260,22 @@ class Adamax(keras.optimizers.Optimizer):
     def apply(self, grads, trainable_variables=None):
         """Applies gradients (see `keras.optimizers.Optimizer.apply`).
 
-        When clipping is configured, repeated indices of sparse gradients are
-        summed first so each token is clipped once, as in the densified
-        gradient. The update itself sums them in any case.
+        Sparse gradients are prepared for Keras 3's processing: with
+        clipping, repeated indices are summed first so each token is clipped
+        once, as in the densified gradient (the update sums them in any
+        case); with `loss_scale_factor`, they are made divisible.
         """
+        grads = [self._prepare_sparse(g) if isinstance(g, tf.IndexedSlices)
+                 else g for g in grads]
+        return super().apply(grads, trainable_variables)
+
+    def _prepare_sparse(self, grad):
         if (self.clipnorm is not None or self.clipvalue is not None
                 or self.global_clipnorm is not None):
-            grads = [_sum_duplicate_rows(g) if isinstance(g, tf.IndexedSlices)
-                     else g for g in grads]
-        return super().apply(grads, trainable_variables)
+            grad = _sum_duplicate_rows(grad)
+        if self.loss_scale_factor is not None:
+            grad = _DivisibleSlices(grad.values, grad.indices, grad.dense_shape)
+        return grad
 
     def get_config(self):
         """Returns every constructor argument (serializable)."""

@@ -221,11 +221,6 @@ class Adamax(tf.Module):
         return self._fns.strategy
 
     @property
-    def _update_fn(self):
-        """The compiled step (a `tf.function`), or the plain Python step."""
-        return self._fns.update
-
-    @property
     def jit_compile(self):
         return self._jit_compile
 

@@ -69,7 +69,8 @@ class Adamax(tf_keras.optimizers.Optimizer):
       is O(rows in the batch), independent of the vocabulary size.
 
     Clipping of a sparse gradient sees each repeated index once, as for the
-    densified gradient.
+    densified gradient. tf-keras applies weight decay to every row, so with
+    `weight_decay` all rows decay in lazy mode too.
 
     Args:
       learning_rate: A float, a
