@@ -163,6 +163,10 @@ SPARSE_SPECS = [
     Spec("tfkad_exact", 'tf_adamax.tf_keras.Adamax(sparse_mode="exact")', _TFKAD,
          (("sparse_mode", "exact"),)),
 ]
+# Non-default O(V) variants that take seconds per step on big tables: --quick times
+# them only on tables up to QUICK_LARGE_V rows.
+QUICK_SMALL_TABLES_ONLY = ("core_exact_nojit", "kad_exact", "tfkad_exact")
+QUICK_LARGE_V = 100_000
 # Used when tf_adamax is missing, so the sparse table still has a dense reference.
 _LEGACY_DENSE = Spec("legacy_dense", "tf_keras legacy Adamax, dense grad of same table",
                      _tf_keras_opt("legacy"), role="reference")
@@ -609,11 +613,11 @@ def _fit_memory(specs, table_bytes: int, cfg, notes: list) -> list:
     # var + dense reference gradient + O(V) temporaries of the built-ins' steps,
     # then two slots per optimizer.
     fixed = 4 * table_bytes
-    kept = list(specs)
+    kept, dropped = list(specs), []
     while kept and fixed + 2 * table_bytes * len(kept) > budget:
-        dropped = kept.pop()
-        notes.insert(0, f"{dropped.key}: skipped at this table size, state would exceed the "
-                     f"memory budget {budget / GIB:.1f} GiB (--max-mem-gb)")
+        dropped.insert(0, kept.pop())
+    notes += [f"{d.key}: skipped at this table size, state would exceed the memory "
+              f"budget {budget / GIB:.1f} GiB (--max-mem-gb)" for d in dropped]
     return kept
 
 
@@ -628,6 +632,11 @@ def case_sparse(vocab: int, cfg, core_ok: bool) -> dict:
     if not core_ok:
         specs.insert(specs.index(SPARSE_SPECS[5]), _LEGACY_DENSE)
     notes: list = []
+    if cfg.quick and vocab > QUICK_LARGE_V:
+        for sp in [sp for sp in specs if sp.key in QUICK_SMALL_TABLES_ONLY]:
+            specs.remove(sp)
+            notes.append(f"{sp.key}: skipped in --quick above V={QUICK_LARGE_V} "
+                         "(non-default O(V) variant, seconds per step)")
     specs = _fit_memory(specs, table_bytes, cfg, notes)
     entries = _entries_for(specs, [table], [grad], cfg, dense_grads=[dense])
     for n_ in notes:
@@ -655,8 +664,9 @@ def case_sparse(vocab: int, cfg, core_ok: bool) -> dict:
         del table, grad, dense
         gc.collect()
         _log(f"  sparse V={vocab}: memory probes for {', '.join(ok)}")
+        methods = ("tf_allocator",) if cfg.quick else ("tf_allocator", "rss")
         config["memory"] = {m: run_mem_probe(m, [vocab, dim], ok, "sparse", cfg, batch)
-                            for m in ("tf_allocator", "rss")}
+                            for m in methods}
     return config
 
 
@@ -717,8 +727,29 @@ def _fit_models(kind: str, cfg):
     return inp, out, loss, ds
 
 
+def _batch_clock():
+    """A Keras callback recording when each training batch ends."""
+    import keras
+
+    class BatchClock(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.ends = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.ends.append(time.perf_counter())
+
+    return BatchClock()
+
+
 def case_fit(kind: str, cfg) -> dict:
-    """Keras 3 model.fit steps/s: one model per optimizer, timed fits interleaved."""
+    """Keras 3 model.fit steps/s: one model per optimizer, timed fits interleaved.
+
+    Each rep is one `fit(steps_per_epoch=S)`. The sample is the steady step time inside
+    it, (last batch end - first batch end) / (S - 1): on this machine a fit() call also
+    spends 0-300 ms setting up and tearing down its data iterator, in steps of
+    12.8 ms x 2^k, which would swamp the optimizer. The whole call's time per step is
+    kept as `fit_call_ms_per_step`.
+    """
     import keras
 
     entries = []
@@ -742,12 +773,19 @@ def case_fit(kind: str, cfg) -> dict:
         model = keras.models.clone_model(model)  # fresh weights per competitor
         model.compile(optimizer=opt, loss=loss)
         steps = cfg.fit_steps
+        clock = _batch_clock()
 
-        def fit_once(model=model, steps=steps):
-            model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
+        def fit_once(model=model, steps=steps, clock=clock):
+            t0 = time.perf_counter()
+            model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False,
+                      callbacks=[clock])
+            call_s = time.perf_counter() - t0
+            if len(clock.ends) != steps:
+                raise RuntimeError(f"fit ran {len(clock.ends)} of {steps} steps")
+            return (clock.ends[-1] - clock.ends[0]) / (steps - 1), call_s / steps
 
         entry.fn = fit_once
-        entry.extra.update(model=model, steps_per_fit=steps)
+        entry.extra.update(model=model, steps_per_fit=steps, fit_call_ms=[])
         try:
             t0 = time.perf_counter()
             model.fit(ds, epochs=1, steps_per_epoch=cfg.fit_warmup_steps, verbose=0,
@@ -768,13 +806,12 @@ def case_fit(kind: str, cfg) -> dict:
             if e.status != "ok":
                 continue
             try:
-                t0 = time.perf_counter()
-                e.fn()
-                dt = time.perf_counter() - t0
+                step_s, call_s = e.fn()
             except Exception as exc:
                 e.status, e.note, e.fn = "failed", _first_line(exc), None
                 continue
-            e.samples_ms.append(dt * 1e3 / e.extra["steps_per_fit"])
+            e.samples_ms.append(step_s * 1e3)
+            e.extra["fit_call_ms"].append(call_s * 1e3)
     params = {"model": kind, "batch": cfg.fit_batch, "steps_per_fit": cfg.fit_steps,
               "model_jit_compile": jit_modes}
     if kind == "embedding":
@@ -804,6 +841,9 @@ def entry_record(e: Entry, anchors: dict) -> dict:
             rec["steps_per_s"] = 1e3 / e.median
             rec["steps_per_s_q25"] = 1e3 / rec["q75_ms"]
             rec["steps_per_s_q75"] = 1e3 / rec["q25_ms"]
+            calls = e.extra["fit_call_ms"]
+            rec["fit_call_ms_per_step"] = [round(x, 5) for x in calls]
+            rec["fit_call_median_ms_per_step"] = float(np.median(calls))
     for k in ("achieved_gb_per_s", "fraction_of_floor", "bytes_per_call"):
         if k in e.extra:
             rec[k] = e.extra[k]
@@ -836,7 +876,7 @@ def format_table(case: str, rec: dict) -> str:
     anchors = [a for a in (("keras3",) if is_fit else ANCHORS)]
     head = f"{'competitor':<52}{'median ms':>10}{'IQR ms':>9}{'reps':>9}"
     if is_fit:
-        head += f"{'steps/s':>9}{'vs keras3':>10}{'speedup':>8}"
+        head += f"{'steps/s':>9}{'vs keras3':>10}{'speedup':>8}{'fit() ms':>9}"
     else:
         head += "".join(f"{'/' + ANCHOR_LABELS[a]:>14}" for a in anchors)
         if case in ("big", "many"):
@@ -858,6 +898,7 @@ def format_table(case: str, rec: dict) -> str:
             ratio = r["ratio"].get("keras3")
             row += f"{r['steps_per_s']:>9.1f}{_fmt(ratio, '.3f'):>10}"
             row += f"{_fmt(1 / ratio if ratio else None, '.2f'):>8}"
+            row += f"{r['fit_call_median_ms_per_step']:>9.2f}"
         else:
             row += "".join(f"{_fmt(r['ratio'].get(a), '.3f'):>14}" for a in anchors)
             if case in ("big", "many"):
@@ -1169,6 +1210,7 @@ def run_case(case: str, cfg: Config, out_dir: str, argv: list) -> list:
     t0 = time.time()
     load0 = os.getloadavg()
     core_ok, core_err = _core_available()
+    versions = _versions()  # before timing: tf_adamax may be edited while we run
     notes = []
     if not core_ok:
         notes.append(f"tf_adamax.Adamax unavailable ({core_err}); its rows are skipped")
@@ -1201,7 +1243,7 @@ def run_case(case: str, cfg: Config, out_dir: str, argv: list) -> list:
         "command": "python " + " ".join([os.path.relpath(__file__, _REPO)] + argv),
         "wall_seconds": round(time.time() - t0, 1),
         "load_avg_start": load0, "load_avg_end": os.getloadavg(),
-        "machine": _machine(), "versions": _versions(),
+        "machine": _machine(), "versions": versions,
         "settings": dataclasses.asdict(cfg),
         "method": ("median over interleaved reps of (rep wall time / steps per rep); "
                    "each competitor has its own state and its own tf.function holding "
@@ -1243,10 +1285,12 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", default="all", choices=["big", "many", "sparse", "fit", "all"])
     p.add_argument("--reps", type=int, help="max timed reps per competitor "
-                   "(default 30, --quick 10)")
+                   "(default 30, --quick 10; fit: reps of one fit() each, default 15, "
+                   "--quick 8)")
     p.add_argument("--warmup", type=int, help="untimed calls before timing, the first "
                    "traces/compiles (default 5, --quick 2)")
-    p.add_argument("--out", default=os.path.join(_HERE, "results"))
+    p.add_argument("--out", default=os.path.join(_HERE, "results"),
+                   help="directory for bench_<case>.json and .png")
     p.add_argument("--vocab", help="comma-separated table sizes for the sparse case "
                    "(default 10000,100000,1000000,2000000; --quick 10000,100000,2000000)")
     p.add_argument("--quick", action="store_true", help="fewer reps, smaller budgets: "
@@ -1258,7 +1302,8 @@ def parse_args(argv):
     p.add_argument("--max-mem-gb", type=float, default=12.0, help="memory budget for the "
                    "sparse case's tables and optimizer state (also capped at 70%% of "
                    "MemAvailable)")
-    p.add_argument("--fit-vocab", type=int, default=100000)
+    p.add_argument("--fit-vocab", type=int, default=100000,
+                   help="embedding rows of the fit case's embedding model")
     p.add_argument("--only", default="", help="comma-separated competitor keys to run")
     p.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     p.add_argument("--_mem-probe", dest="mem_probe", help=argparse.SUPPRESS)
@@ -1278,7 +1323,7 @@ def parse_args(argv):
         mem_steps=2 if q else 3,
         fit_steps=20 if q else 50,
         fit_warmup_steps=5,
-        fit_reps=5 if q else 15,
+        fit_reps=a.reps or (8 if q else 15),
         fit_batch=256,
         fit_vocab=a.fit_vocab,
         fit_seq=16,

@@ -22,14 +22,14 @@ import tf_adamax.keras  # noqa: E402
 VOCAB, SEQ_LEN = 1000, 12
 
 
-def blobs(rng, n=1024, dim=8):
+def blobs(rng, n=512, dim=8):
     """Two Gaussian blobs, labels 0/1."""
     y = rng.integers(0, 2, size=n)
     x = rng.normal(size=(n, dim)) + np.where(y[:, None] == 1, 1.0, -1.0)
     return x.astype("float32"), y.astype("float32")
 
 
-def token_sentences(rng, n=2048):
+def token_sentences(rng, n=1024):
     """Token ids; label 1 when most tokens come from the "positive" half."""
     positive = rng.random(n) < 0.5
     bias = np.where(positive, 0.7, 0.3)[:, None]
@@ -60,7 +60,7 @@ def main():
         optimizer=tf_adamax.keras.Adamax(learning_rate=0.01),
         loss="binary_crossentropy", metrics=["accuracy"])
     report("classifier",
-           classifier.fit(x, y, batch_size=64, epochs=5, verbose=0))
+           classifier.fit(x, y, batch_size=32, epochs=5, verbose=0))
 
     ids, labels = token_sentences(rng)
     embedder = keras.Sequential([
@@ -72,11 +72,11 @@ def main():
     # Lazy: rows of tokens absent from a batch (and their slots) stay as
     # they are; cost per step follows the batch, not the vocabulary.
     embedder.compile(
-        optimizer=tf_adamax.keras.Adamax(learning_rate=0.01,
+        optimizer=tf_adamax.keras.Adamax(learning_rate=0.02,
                                          sparse_mode="lazy"),
         loss="binary_crossentropy", metrics=["accuracy"])
     report("embedding",
-           embedder.fit(ids, labels, batch_size=64, epochs=5, verbose=0))
+           embedder.fit(ids, labels, batch_size=32, epochs=5, verbose=0))
 
 
 if __name__ == "__main__":

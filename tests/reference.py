@@ -162,6 +162,12 @@ class AdamaxReference:
         return float(lr(step)) if callable(lr) else float(lr)
 
     @property
+    def updates(self) -> int:
+        """Keras 3's `iterations`: calls, or calls // N with accumulation."""
+        n = self.gradient_accumulation_steps
+        return self.iterations // n if n else self.iterations
+
+    @property
     def current_learning_rate(self) -> float:
         return self.lr_at(self.iterations)
 
@@ -186,13 +192,14 @@ class AdamaxReference:
         else:
             self._update(grads)
         if self.use_ema:
-            momentum = 0.0 if self.iterations == 0 else self.ema_momentum
+            # Keras 3: EMA reads `iterations`, which counts updates (calls // N).
+            momentum = 0.0 if self.updates == 0 else self.ema_momentum
             for k in self.w:
                 self.average[k] = round_to(
                     momentum * self.average[k] + (1.0 - momentum) * self.w[k],
                     self.dtype[k])
             freq = self.ema_overwrite_frequency
-            if freq and (self.iterations + 1) % freq == 0:
+            if freq and (self.updates + 1) % freq == 0:
                 for k in self.w:
                     self.w[k] = self.average[k].copy()
         self.iterations += 1
@@ -241,7 +248,9 @@ class AdamaxReference:
     def _update(self, grads):
         grads = self._clip(grads)
         lr = self.current_learning_rate
-        t = self.iterations + 1
+        # Keras 3: t counts updates (calls // N with gradient accumulation);
+        # the schedule is called with the raw call count.
+        t = self.updates + 1
         if self.weight_decay is not None:
             for k in grads:
                 self.w[k] = round_to(

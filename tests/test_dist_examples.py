@@ -21,12 +21,12 @@ EXAMPLES = os.path.join(dh.REPO_ROOT, "examples")
 TIMEOUT = 240
 
 CASES = {
-    "mirrored": (["--steps", "20"], [
+    "mirrored": (["--steps", "12"], [
         r"strategy: MirroredStrategy, 2 replicas",
         r"embedding slots mirrored on: \['[^']*CPU:0', '[^']*CPU:1'\]",
         r"replicas in sync \(weights and slots\): True",
         r"only looked-up rows changed: True",
-        r"iterations=20\b",
+        r"iterations=12\b",
     ]),
     "multi_worker": (["--steps", "10", "--timeout", "200"], [
         r"launched 2 workers on \['127\.0\.0\.1:\d+', '127\.0\.0\.1:\d+'\]",

@@ -32,7 +32,8 @@ PLAIN_CONFIGS = [dict(sparse_mode=m, jit_compile=j, replica_fn="plain")
 XLA_CONFIGS = [dict(sparse_mode=m, jit_compile=True, replica_fn="xla")
                for m in ("exact", "lazy")]
 # Acceptance 5: checkpoint round trips Mirrored <-> no strategy.
-CKPT_MODES = ("exact", "lazy")
+# Lazy mode: its untouched rows keep zero slots, which must survive the round trip.
+CKPT_MODES = ("lazy",)
 CKPT_STEPS_BEFORE, CKPT_STEPS_AFTER = 3, 2
 CHILD_TIMEOUT = 240
 
@@ -49,17 +50,19 @@ def child_mirrored(configs, num_steps, ckpt_modes, ckpt_dir):
     for cfg in configs:
         rec = {}
         try:
-            dh.reference_record(cfg, ids, y, init, rec, cache=cache)
-            trainer = dh.StrategyTrainer(strategy, cfg, init)
-            for s in range(num_steps):
-                trainer.step(ids[s], y[s])
-            trainer.record(rec)
+            with dh.timed(dh.config_name(cfg)):
+                dh.reference_record(cfg, ids, y, init, rec, cache=cache)
+                trainer = dh.StrategyTrainer(strategy, cfg, init)
+                for s in range(num_steps):
+                    trainer.step(ids[s], y[s])
+                trainer.record(rec)
         except Exception:  # noqa: BLE001 - reported by the owning test
             rec = dh.error_record()
         results[dh.config_name(cfg)] = rec
     for mode in ckpt_modes:
         try:
-            results[f"ckpt-{mode}"] = child_checkpoint(strategy, mode, ckpt_dir)
+            with dh.timed(f"ckpt-{mode}"):
+                results[f"ckpt-{mode}"] = child_checkpoint(strategy, mode, ckpt_dir)
         except Exception:  # noqa: BLE001
             results[f"ckpt-{mode}"] = dh.error_record()
     return results

@@ -85,6 +85,8 @@ def test_dense_fit_matches_keras_adamax(mode):
     assert_same_weights(ours, theirs)
     # Slots: same values, same order as Keras's (drop-in checkpoints).
     for va, vb in zip(ours.optimizer.variables, theirs.optimizer.variables):
+        assert (va.name.replace(ours.name, "model")
+                == vb.name.replace(theirs.name, "model"))
         np.testing.assert_allclose(va.numpy(), vb.numpy(), atol=1e-6,
                                    err_msg=va.path)
     moved = [not np.allclose(w.numpy(), w0.numpy())
@@ -322,13 +324,13 @@ SPARSE_FEATURES = {
 }
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "xla"])
 @pytest.mark.parametrize("sparse_mode", ["exact", "lazy"])
 @pytest.mark.parametrize("feature", sorted(SPARSE_FEATURES))
-def test_sparse_with_keras_features_matches_reference(feature, sparse_mode,
-                                                       jit):
+def test_sparse_with_keras_features_matches_reference(feature, sparse_mode):
+    # Eager: these features are Keras code around the kernels; the kernels'
+    # XLA path is covered by the clipping and embedding tests.
     assert_matches_reference(
-        *sparse_run(sparse_mode, jit, **SPARSE_FEATURES[feature]))
+        *sparse_run(sparse_mode, False, **SPARSE_FEATURES[feature]))
 
 
 @pytest.mark.parametrize("sparse_mode", ["exact", "lazy"])
@@ -500,9 +502,9 @@ def test_mixed_precision_trains_like_keras_adamax(policy, name):
     assert all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0]
     for w in ours.weights:
         assert w.dtype == "float32" and np.all(np.isfinite(w.numpy()))
-    # Same gradients in, same float32 update out (up to half-precision
-    # forward passes reacting to last-bit differences).
-    assert_same_weights(ours, theirs, atol=2e-3)
+    # Same gradients in, same float32 update out (last-bit differences:
+    # the update is written differently; half-precision passes may amplify).
+    assert_same_weights(ours, theirs, atol=1e-5)
 
 
 def test_half_precision_variables_get_float32_slots():
@@ -604,11 +606,11 @@ import numpy as np
 import keras
 import tf_adamax.keras
 
-EPOCHS, BATCH = 4, 8
+EPOCHS, BATCH = 3, 8
 
 
 def train(backup_dir, stall_at=None, marker=None, first_epoch_file=None):
-    """Fits 4 epochs with BackupAndRestore; returns weights + optimizer state.
+    """Fits 3 epochs with BackupAndRestore; returns weights + optimizer state.
 
     stall_at="E:B" blocks after batch B of epoch E (after writing `marker`),
     waiting to be killed.
@@ -669,13 +671,13 @@ def test_backup_and_restore_after_sigkill_mid_epoch(tmp_path):
             env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True)
 
-    # Run 1: killed during epoch 2 (0-based), after two completed epochs.
-    proc = launch("2:3", tmp_path / "unused.npz", tmp_path / "first1")
+    # Run 1: killed during epoch 1 (0-based), after one completed epoch.
+    proc = launch("1:3", tmp_path / "unused.npz", tmp_path / "first1")
     try:
         deadline = time.monotonic() + 240
         while not marker.exists():
             assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "training never reached 2:3"
+            assert time.monotonic() < deadline, "training never reached 1:3"
             time.sleep(0.2)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
@@ -691,8 +693,8 @@ def test_backup_and_restore_after_sigkill_mid_epoch(tmp_path):
     proc = launch("-", out, tmp_path / "first2")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    # It resumed at epoch 2 (a restart from scratch would also end equal).
-    assert (tmp_path / "first2").read_text() == "2"
+    # It resumed at epoch 1 (a restart from scratch would also end equal).
+    assert (tmp_path / "first2").read_text() == "1"
     resumed = np.load(out)
     resumed = [resumed[f"arr_{i}"] for i in range(len(resumed.files))]
 

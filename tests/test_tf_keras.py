@@ -299,14 +299,20 @@ SPARSE_OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "xla"])
 @pytest.mark.parametrize("sparse_mode", ["exact", "lazy"])
 @pytest.mark.parametrize("option", sorted(SPARSE_OPTIONS))
-def test_sparse_with_tf_keras_options_matches_reference(option, sparse_mode,
-                                                         jit):
+def test_sparse_with_tf_keras_options_matches_reference(option, sparse_mode):
     """Includes clipping: each repeated index is clipped once (summed)."""
     assert_matches_reference(
-        *sparse_run(Adamax, sparse_mode, jit, **SPARSE_OPTIONS[option]))
+        *sparse_run(Adamax, sparse_mode, False, **SPARSE_OPTIONS[option]))
+
+
+@pytest.mark.parametrize("sparse_mode", ["exact", "lazy"])
+def test_sparse_clipping_under_xla_matches_reference(sparse_mode):
+    # tf.function(jit_compile=True) around apply_gradients: the summing of
+    # repeated indices before clipping, and the kernels, compile.
+    assert_matches_reference(
+        *sparse_run(Adamax, sparse_mode, True, clipnorm=0.5))
 
 
 def test_tf_keras_builtin_clips_repeated_rows_per_copy():
@@ -451,7 +457,9 @@ def test_mixed_precision_trains_like_tf_keras_adamax(policy, name):
     assert all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0]
     for w in ours.weights:
         assert w.dtype == tf.float32 and np.all(np.isfinite(w.numpy()))
-    assert_same_weights(ours, theirs, atol=2e-3)
+    # Same gradients in, same float32 update out (last-bit differences:
+    # the update is written differently; half-precision passes may amplify).
+    assert_same_weights(ours, theirs, atol=1e-5)
 
 
 def test_half_precision_variables_get_float32_slots():

@@ -155,15 +155,50 @@ def densify(indices, values, num_rows):
     return tf.math.unsorted_segment_sum(values, indices, num_rows)
 
 
+def exact_rows_step(var, m, u, rows, row_grads, hyper: Hyper):
+    """Applies summed gradient rows exactly as their densified gradient.
+
+    Equivalent to `dense_step` with the densified gradient, without building
+    it: every row not in `rows` has g = 0, so its update is the same zero-
+    gradient update for all of them (m = beta_1 * m, u = beta_2 * u, and the
+    weight still moves). The named rows are computed first from their old
+    values, then the whole variable takes the zero-gradient update, then the
+    named rows are written over it. Reads var, m, u once and writes them once
+    (no gradient stream), plus O(nnz) gathers and scatters.
+
+    Args:
+      var, m, u: the variable and its slots.
+      rows: row indices; may repeat, each copy carrying the same summed row
+        (as `sum_duplicates` returns them).
+      row_grads: the full gradient of each named row.
+      hyper: the step's `Hyper`.
+    """
+    new_w, new_m, new_u = adamax_rows(
+        tf.gather(var, rows), tf.gather(m, rows), tf.gather(u, rows),
+        row_grads, hyper,
+    )
+    dense_step(var, m, u, tf.zeros([], m.dtype), hyper)
+    _scatter_rows(var, m, u, rows, new_w, new_m, new_u)
+
+
 def exact_sparse_step(var, m, u, indices, values, hyper: Hyper):
     """Applies an IndexedSlices gradient exactly as its densified gradient.
 
-    Summing duplicates happens in `densify`, before |g| and max (max is not
-    linear: |g1| + |g2| != |g1 + g2| for opposite signs). Rows not named still
-    decay their moments and move, exactly as with a dense zero gradient.
+    Duplicates are summed first, before |g| and max (max is not linear:
+    |g1| + |g2| != |g1 + g2| for opposite signs). Rows not named still decay
+    their moments and move, exactly as with a dense zero gradient.
     """
-    grad = densify(indices, values, num_rows(var))
-    dense_step(var, m, u, grad, hyper)
+    rows, row_grads, _, _ = sum_duplicates(indices, values)
+    exact_rows_step(var, m, u, rows, row_grads, hyper)
+
+
+def _scatter_rows(var, m, u, rows, new_w, new_m, new_u):
+    # Repeated rows carry identical results, so the scatter is well defined
+    # whichever copy lands last. The return values (lazy reads of the whole
+    # variable) are dropped on purpose: using them would copy the table.
+    m.scatter_update(tf.IndexedSlices(new_m, rows))
+    u.scatter_update(tf.IndexedSlices(new_u, rows))
+    var.scatter_update(tf.IndexedSlices(new_w, rows))
 
 
 def lazy_rows_step(var, m, u, rows, row_grads, hyper: Hyper):
@@ -178,12 +213,7 @@ def lazy_rows_step(var, m, u, rows, row_grads, hyper: Hyper):
         tf.gather(var, rows), tf.gather(m, rows), tf.gather(u, rows),
         row_grads, hyper,
     )
-    # Repeated rows carry identical results, so the scatter is well defined
-    # whichever copy lands last. The return values (lazy reads of the whole
-    # variable) are dropped on purpose: using them would copy the table.
-    m.scatter_update(tf.IndexedSlices(new_m, rows))
-    u.scatter_update(tf.IndexedSlices(new_u, rows))
-    var.scatter_update(tf.IndexedSlices(new_w, rows))
+    _scatter_rows(var, m, u, rows, new_w, new_m, new_u)
 
 
 def lazy_sparse_step(var, m, u, indices, values, hyper: Hyper):

@@ -47,7 +47,7 @@ class VarState(typing.NamedTuple):
 
 
 class SparseRows(typing.NamedTuple):
-    """A lazy-mode sparse gradient after `_math.sum_duplicates`.
+    """A sparse gradient after `_math.sum_duplicates`.
 
     `rows` sorted (may repeat), `values[i]` the summed gradient of row
     `rows[i]`, `is_first[i]` marks one entry per distinct row, so sums and
@@ -65,19 +65,16 @@ class SparseRows(typing.NamedTuple):
         return self.values * mask
 
 
-def prepare(grad, var, sparse_mode):
+def prepare(grad):
     """Brings a gradient into the form the step works on.
 
-    Exact mode densifies an IndexedSlices (duplicates summed) so everything
-    after it, clipping included, sees the densified gradient. Lazy mode sums
-    duplicates once here, before any nonlinearity, and stays O(nnz).
+    An IndexedSlices has its duplicate rows summed once, here, before any
+    nonlinearity (clipping, |g|, max), and stays O(nnz) in both sparse modes.
     """
     if isinstance(grad, tf.IndexedSlices):
-        if sparse_mode == "lazy":
-            rows, values, _, is_first = _math.sum_duplicates(
-                grad.indices, grad.values)
-            return SparseRows(rows, values, is_first)
-        return _math.densify(grad.indices, grad.values, _math.num_rows(var))
+        rows, values, _, is_first = _math.sum_duplicates(
+            grad.indices, grad.values)
+        return SparseRows(rows, values, is_first)
     return grad
 
 
@@ -144,14 +141,13 @@ def global_norm_of(grads):
                    else tf.constant(0.0, dtype))
 
 
-def global_grad_norm(config, grads, variables):
+def global_grad_norm(config, grads):
     """The norm `global_clipnorm` clips to, over gradients of all devices.
 
     Used when the variables are split over devices (one program each), so no
     single program sees every gradient.
     """
-    prepared = [prepare(g, v, config.sparse_mode)
-                for g, v in zip(grads, variables)]
+    prepared = [prepare(g) for g in grads]
     norm = global_norm_of(prepared)
     if config.loss_scale_factor is not None:
         norm = norm / _math.as_dtype(config.loss_scale_factor, norm.dtype)
@@ -170,8 +166,10 @@ def _update(config, states, grads, decays, step, learning_rate):
             weight_decay=config.weight_decay if decay else None,
         )
         if isinstance(grad, SparseRows):
-            _math.lazy_rows_step(state.var, state.momentum, state.norm,
-                                 grad.rows, grad.values, hyper)
+            rows_step = (_math.lazy_rows_step if config.sparse_mode == "lazy"
+                         else _math.exact_rows_step)
+            rows_step(state.var, state.momentum, state.norm, grad.rows,
+                      grad.values, hyper)
         else:
             _math.dense_step(state.var, state.momentum, state.norm, grad,
                              hyper)
@@ -188,7 +186,7 @@ def apply_step(config: StepConfig, states, grads, decays, iteration,
       grads: list of gradients (tensors or `tf.IndexedSlices`), aggregated.
       decays: list of bools, whether weight decay applies to each variable.
       iteration: int64 scalar, the optimizer's iteration count BEFORE this
-        call (t = iteration + 1).
+        call (t = iteration + 1, or iteration // N + 1 with accumulation).
       learning_rate: scalar tensor, this step's learning rate.
       global_norm: see `clip`.
 
@@ -196,15 +194,16 @@ def apply_step(config: StepConfig, states, grads, decays, iteration,
     control dependencies); nothing is returned, so the function can be
     wrapped in `tf.function(jit_compile=True)` as is.
     """
-    grads = [prepare(g, s.var, config.sparse_mode)
-             for g, s in zip(grads, states)]
+    grads = [prepare(g) for g in grads]
     if config.loss_scale_factor is not None:
         grads = [_map(g, lambda v: v / _math.as_dtype(
                     config.loss_scale_factor, v.dtype)) for g in grads]
-    step = iteration + 1
+    # Keras 3: with accumulation, t and the EMA count updates (calls // N).
+    n = config.gradient_accumulation_steps
+    updates = iteration // n if n else iteration
+    step = updates + 1
 
-    if config.gradient_accumulation_steps:
-        n = config.gradient_accumulation_steps
+    if n:
 
         def update_with_mean():
             mean = [
@@ -231,19 +230,19 @@ def apply_step(config: StepConfig, states, grads, decays, iteration,
                         tf.cast(g, s.accumulator.dtype), read_value=False)
             return tf.constant(False)
 
-        tf.cond(step % n == 0, update_with_mean, accumulate)
+        tf.cond((iteration + 1) % n == 0, update_with_mean, accumulate)
     else:
         _update(config, states, clip(config, grads, global_norm),
                 decays, step, learning_rate)
 
     if config.use_ema:
-        _ema(config, states, iteration)
+        _ema(config, states, updates)
 
 
-def _ema(config, states, iteration):
-    """Keras 3's weight EMA; the first step copies the weights."""
+def _ema(config, states, updates):
+    """Keras 3's weight EMA; the first update copies the weights."""
     for s in states:
-        not_first = tf.cast(tf.not_equal(iteration, 0), s.average.dtype)
+        not_first = tf.cast(tf.not_equal(updates, 0), s.average.dtype)
         momentum = not_first * _math.as_dtype(
             config.ema_momentum, s.average.dtype)
         s.average.assign(
@@ -258,5 +257,5 @@ def _ema(config, states, iteration):
                              read_value=False)
             return tf.constant(True)
 
-        tf.cond((iteration + 1) % freq == 0, overwrite,
+        tf.cond((updates + 1) % freq == 0, overwrite,
                 lambda: tf.constant(False))

@@ -415,8 +415,7 @@ class Adamax(tf.Module):
                     "devices without replication (parameter servers).")
             global_norm = _step.global_grad_norm(
                 self._config,
-                [_distribute.local(strategy, g)[0] for g in grads],
-                [_distribute.unwrap(v) for v in variables])
+                [_distribute.local(strategy, g)[0] for g in grads])
         decays = [self._decays(v) for v in variables]
         states = self._states(variables)
         with tf.control_dependencies(checks):
