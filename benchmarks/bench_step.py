@@ -631,6 +631,8 @@ def case_sparse(vocab: int, cfg, core_ok: bool) -> dict:
     specs = list(SPARSE_SPECS)
     if not core_ok:
         specs.insert(specs.index(SPARSE_SPECS[5]), _LEGACY_DENSE)
+    if cfg.only:
+        specs = [sp for sp in specs if sp.key in cfg.only]
     notes: list = []
     if cfg.quick and vocab > QUICK_LARGE_V:
         for sp in [sp for sp in specs if sp.key in QUICK_SMALL_TABLES_ONLY]:
@@ -1065,7 +1067,8 @@ def plot_case(case: str, records: list, path: str) -> None:
         n = len(records)
         has_mem = any(c.get("memory") for c in records)
         ncols = 2 if has_mem else 1
-        fig, axes = plt.subplots(n, ncols, figsize=(8 * ncols, 0.45 * 12 * n + 1.5),
+        rows_max = max(len(c["results"]) for c in records)
+        fig, axes = plt.subplots(n, ncols, figsize=(8 * ncols, n * (0.4 * rows_max + 1.4)),
                                  squeeze=False)
         for i, c in enumerate(records):
             ax = axes[i][0]

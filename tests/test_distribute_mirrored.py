@@ -21,14 +21,13 @@ NUM_STEPS = 5
 NUM_REPLICAS = 2
 SPARSE_MODES = ("dense", "exact", "lazy")
 JIT = (True, False)
-# Acceptance 1: the replica function runs forward/backward eagerly in the step graph.
+# Acceptance 1: forward/backward inline in the replica function of the step's tf.function;
+# "dense" densifies the embedding gradient before apply_gradients.
 PLAIN_CONFIGS = [dict(sparse_mode=m, jit_compile=j, replica_fn="plain")
                  for m in SPARSE_MODES for j in JIT]
 # Acceptance 2: forward/backward is its own tf.function(jit_compile=True), then
 # apply_gradients runs in the replica function (where tf-keras hits "merge_call called
-# while defining a new graph").
-# The optimizer keeps its own jit_compile=True: its compiled update must not call
-# merge_call.
+# while defining a new graph"). The optimizer keeps its own jit_compile=True too.
 XLA_CONFIGS = [dict(sparse_mode=m, jit_compile=True, replica_fn="xla")
                for m in ("exact", "lazy")]
 # Acceptance 5: checkpoint round trips Mirrored <-> no strategy.

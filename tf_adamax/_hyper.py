@@ -113,6 +113,14 @@ def check_sparse_mode(sparse_mode):
     )
 
 
+def check_adamax(beta_1, beta_2, epsilon, sparse_mode):
+    """The checks every Adamax front end (core and adapters) shares."""
+    check_sparse_mode(sparse_mode)
+    check_scalar("beta_1", beta_1, low=0.0, high=1.0)
+    check_scalar("beta_2", beta_2, low=0.0, high=1.0)
+    check_scalar("epsilon", epsilon, low=0.0, high=None, high_open=False)
+
+
 def check_positive_int(name, value, minimum):
     if value is None:
         return None

@@ -140,6 +140,24 @@ def sum_duplicates(indices, values):
     return sorted_indices, per_entry, segment_sums, is_first
 
 
+def first_copies(values, is_first):
+    """`values` with every repeated entry zeroed (each row counted once)."""
+    mask = tf.cast(is_first, values.dtype)
+    return values * tf.reshape(mask, [-1] + [1] * (values.shape.rank - 1))
+
+
+def merge_duplicates(slices):
+    """An IndexedSlices with the same densified value, each index once.
+
+    Each distinct index keeps its summed row once; the other copies become
+    zero rows (static shape, for XLA). Row-wise transforms (clipping by
+    value, norms) then see the densified gradient, not each copy.
+    """
+    indices, sums, _, is_first = sum_duplicates(slices.indices, slices.values)
+    return tf.IndexedSlices(first_copies(sums, is_first), indices,
+                            slices.dense_shape)
+
+
 def num_rows(var):
     """Rows of `var` without reading it (`tf.shape(var)` copies a variable)."""
     static = var.shape[0]

@@ -60,9 +60,7 @@ class SparseRows(typing.NamedTuple):
 
     def once(self):
         """`values` with repeated entries zeroed: each row counted once."""
-        mask = tf.cast(self.is_first, self.values.dtype)
-        mask = tf.reshape(mask, [-1] + [1] * (self.values.shape.rank - 1))
-        return self.values * mask
+        return _math.first_copies(self.values, self.is_first)
 
 
 def prepare(grad):

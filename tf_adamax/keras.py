@@ -28,21 +28,6 @@ def _tf_variable(variable):
     return variable
 
 
-def _sum_duplicate_rows(slices):
-    """An IndexedSlices whose densified value equals `slices`', without repeats.
-
-    Each distinct index keeps its summed row once (the other copies become
-    zero rows), with the static shape XLA needs. Keras 3 clips the
-    `values` of an IndexedSlices row by row, so without this a repeated token
-    would be clipped per copy instead of once, as the densified gradient is.
-    """
-    indices, sums, _, is_first = _math.sum_duplicates(
-        slices.indices, slices.values)
-    mask = tf.reshape(tf.cast(is_first, sums.dtype),
-                      [-1] + [1] * (sums.shape.rank - 1))
-    return tf.IndexedSlices(sums * mask, indices, slices.dense_shape)
-
-
 class _DivisibleSlices(tf.IndexedSlices):
     """An IndexedSlices that Keras 3 can unscale.
 
@@ -163,11 +148,7 @@ class Adamax(keras.optimizers.Optimizer):
         **kwargs,
     ):
         # Validate before any variable exists: a typo leaves nothing behind.
-        _hyper.check_sparse_mode(sparse_mode)
-        _hyper.check_scalar("beta_1", beta_1, low=0.0, high=1.0)
-        _hyper.check_scalar("beta_2", beta_2, low=0.0, high=1.0)
-        _hyper.check_scalar("epsilon", epsilon, low=0.0, high=None,
-                            high_open=False)
+        _hyper.check_adamax(beta_1, beta_2, epsilon, sparse_mode)
         super().__init__(
             learning_rate=learning_rate,
             weight_decay=weight_decay,
@@ -272,7 +253,7 @@ class Adamax(keras.optimizers.Optimizer):
     def _prepare_sparse(self, grad):
         if (self.clipnorm is not None or self.clipvalue is not None
                 or self.global_clipnorm is not None):
-            grad = _sum_duplicate_rows(grad)
+            grad = _math.merge_duplicates(grad)
         if self.loss_scale_factor is not None:
             grad = _DivisibleSlices(grad.values, grad.indices, grad.dense_shape)
         return grad

@@ -112,10 +112,7 @@ class Adamax(tf.Module):
         name="adamax",
     ):
         _hyper.check_learning_rate(learning_rate)
-        _hyper.check_scalar("beta_1", beta_1, low=0.0, high=1.0)
-        _hyper.check_scalar("beta_2", beta_2, low=0.0, high=1.0)
-        _hyper.check_scalar("epsilon", epsilon, low=0.0, high=None,
-                            high_open=False)
+        _hyper.check_adamax(beta_1, beta_2, epsilon, sparse_mode)
         _hyper.check_scalar("weight_decay", weight_decay, low=0.0, high=None,
                             high_open=False, allow_none=True)
         _hyper.check_clipping(clipnorm, clipvalue, global_clipnorm)
@@ -123,7 +120,6 @@ class Adamax(tf.Module):
                             high_open=False)
         _hyper.check_scalar("loss_scale_factor", loss_scale_factor, low=0.0,
                             low_open=True, high=None, allow_none=True)
-        _hyper.check_sparse_mode(sparse_mode)
         ema_overwrite_frequency = _hyper.check_positive_int(
             "ema_overwrite_frequency", ema_overwrite_frequency, 1)
         gradient_accumulation_steps = _hyper.check_positive_int(

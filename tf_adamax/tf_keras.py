@@ -19,22 +19,6 @@ from tf_adamax import _math
 __all__ = ["Adamax"]
 
 
-def _sum_duplicate_rows(slices):
-    """An IndexedSlices whose densified value equals `slices`', without repeats.
-
-    Each distinct index keeps its summed row once (the other copies become
-    zero rows), with a static shape. tf-keras clips the `values` of an
-    IndexedSlices row by row before it deduplicates them, so without this a
-    repeated token would be clipped per copy instead of once, as the
-    densified gradient is.
-    """
-    indices, sums, _, is_first = _math.sum_duplicates(
-        slices.indices, slices.values)
-    mask = tf.reshape(tf.cast(is_first, sums.dtype),
-                      [-1] + [1] * (sums.shape.rank - 1))
-    return tf.IndexedSlices(sums * mask, indices, slices.dense_shape)
-
-
 @tf_keras.saving.register_keras_serializable(package="tf_adamax")
 class Adamax(tf_keras.optimizers.Optimizer):
     """Adamax (Kingma & Ba 2014, section 7.1) for tf-keras, with a lazy sparse mode.
@@ -134,11 +118,7 @@ class Adamax(tf_keras.optimizers.Optimizer):
         **kwargs,
     ):
         # Validate before any variable exists: a typo leaves nothing behind.
-        _hyper.check_sparse_mode(sparse_mode)
-        _hyper.check_scalar("beta_1", beta_1, low=0.0, high=1.0)
-        _hyper.check_scalar("beta_2", beta_2, low=0.0, high=1.0)
-        _hyper.check_scalar("epsilon", epsilon, low=0.0, high=None,
-                            high_open=False)
+        _hyper.check_adamax(beta_1, beta_2, epsilon, sparse_mode)
         super().__init__(
             name=name,
             weight_decay=weight_decay,
@@ -225,7 +205,7 @@ class Adamax(tf_keras.optimizers.Optimizer):
         # prepared before tf-keras clips their rows one by one).
         if (self.clipnorm is not None or self.clipvalue is not None
                 or self.global_clipnorm is not None):
-            grads = [_sum_duplicate_rows(g) if isinstance(g, tf.IndexedSlices)
+            grads = [_math.merge_duplicates(g) if isinstance(g, tf.IndexedSlices)
                      else g for g in grads]
         return super()._clip_gradients(grads)
 
