@@ -28,6 +28,21 @@ def unwrap(var):
     return var
 
 
+def expand(var_list):
+    """`var_list` with every ShardedVariable replaced by its shards.
+
+    Gradients are taken (and slots kept) per shard: each shard is an ordinary
+    variable on one parameter server.
+    """
+    out = []
+    for var in var_list:
+        if _private.is_sharded(var):
+            out.extend(var.variables)
+        else:
+            out.append(var)
+    return out
+
+
 def var_key(var):
     """A hashable key naming a model variable, the same for all its views
     (a mirrored variable and each of its per-device components)."""
@@ -38,6 +53,27 @@ def var_key(var):
 
 def current_strategy():
     return tf.distribute.get_strategy()
+
+
+def check_not_in_xla_replica():
+    """Raises a clear error for `apply_gradients` inside an XLA replica fn.
+
+    One XLA program runs on one device, so it cannot update the copies of a
+    mirrored variable on several devices.
+    """
+    if not in_replica_context():
+        return
+    strategy = current_strategy()
+    if strategy.num_replicas_in_sync > 1 and _private.in_xla_context():
+        raise RuntimeError(
+            "apply_gradients was called inside a tf.function(jit_compile=True)"
+            f" running in a replica context of {type(strategy).__name__} "
+            f"({strategy.num_replicas_in_sync} replicas). One XLA program "
+            "cannot update the copies of a variable on several devices. "
+            "Compile only the forward/backward pass with jit_compile=True and "
+            "call apply_gradients outside it (still inside strategy.run): "
+            "tf_adamax compiles the update itself with XLA, one program per "
+            "device.")
 
 
 def in_replica_context():

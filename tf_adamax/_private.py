@@ -4,6 +4,8 @@ Each use is here because no public API does the job in TF 2.21; if TF
 changes, this is the only file to touch.
 """
 
+import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
 from tensorflow.python.saved_model.registration import registration
 
 
@@ -28,3 +30,26 @@ def register_for_saved_model(cls):
     """
     return registration.register_serializable(
         package="tf_adamax", predicate=lambda obj: type(obj) is cls)(cls)
+
+
+def in_xla_context():
+    """True while tracing inside a `tf.function(jit_compile=True)`.
+
+    Used only to turn a confusing cross-device XLA failure into a clear
+    error; TF has no public query for it.
+    """
+    return control_flow_util.GraphOrParentsInXlaContext(
+        tf.compat.v1.get_default_graph())
+
+
+def is_sharded(var):
+    """True for a ParameterServerStrategy `ShardedVariable`.
+
+    The class is only exported under `tf.__internal__`.
+    """
+    return isinstance(var, tf.__internal__.distribute.ShardedVariable)
+
+
+def make_sharded(shards, name):
+    """A `ShardedVariable` view over existing shard variables."""
+    return tf.__internal__.distribute.ShardedVariable(shards, name=name)

@@ -7,6 +7,7 @@ list of variables); the strategy glue in `_distribute`.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import tensorflow as tf
@@ -229,7 +230,7 @@ class Adamax(tf.Module):
 
         Call before the first step, as in Keras.
         """
-        for v in var_list or ():
+        for v in _distribute.expand(var_list or ()):
             self._fns.exclude_ids.add(_distribute.var_key(v))
         self._fns.exclude_names = tuple(var_names or ())
 
@@ -263,6 +264,11 @@ class Adamax(tf.Module):
             raise KeyError(
                 f"Unknown slot {slot_name!r}; this optimizer has slots "
                 f"{self.get_slot_names()}.")
+        if _private.is_sharded(var):
+            # Slots are sharded like their variable: one per shard.
+            return _private.make_sharded(
+                [self.get_slot(shard, slot_name) for shard in var.variables],
+                name=f"{var.name}/{slot_name}")
         slot = self._slots.get(var, slot_name)
         if slot is None:
             raise KeyError(
@@ -304,7 +310,7 @@ class Adamax(tf.Module):
         Variables seen for the first time later (unfrozen layers) are built
         on their first `apply_gradients`.
         """
-        var_list = list(var_list)
+        var_list = _distribute.expand(var_list)
         for var in var_list:
             _check_variable(var)
         for var in var_list:
@@ -366,6 +372,7 @@ class Adamax(tf.Module):
         grads, variables = self._filter(grads_and_vars)
         for g, v in zip(grads, variables):
             _check_pair(g, v)
+        _distribute.check_not_in_xla_replica()
         for v in variables:
             if not self._slots.has(v):
                 _distribute.check_same_strategy(self._strategy, v, _name(v))
@@ -427,12 +434,40 @@ class Adamax(tf.Module):
                         self._config,
                         [_component_state(strategy, states[i], group)
                          for i in group.positions],
-                        [_distribute.component(strategy, grads[i], group)
+                        [self._bucketed(_distribute.component(
+                            strategy, grads[i], group), variables[i])
                          for i in group.positions],
                         [decays[i] for i in group.positions],
                         iteration, lr, global_norm)
         self._iterations.assign_add(1)
         return self._iterations
+
+    def _bucketed(self, grad, var):
+        """Pads a sparse gradient of data-dependent length for XLA.
+
+        XLA compiles one program per input shape. When the number of sparse
+        rows is only known at run time (parameter-server shards, ragged
+        batches) it is rounded up to one of four sizes per power of two, so
+        the update compiles a handful of times instead of once per new
+        length. Padding rows name row `num_rows` (out of range: XLA's
+        scatters drop them) and carry zeros, so no row changes because of
+        them.
+        """
+        if (not self._jit_compile or not isinstance(grad, tf.IndexedSlices)
+                or grad.indices.shape[0] is not None):
+            return grad
+        n = tf.shape(grad.indices)[0]
+        octave = tf.math.floor(tf.math.log(tf.cast(tf.maximum(n, 1),
+                                                   tf.float32)) / math.log(2))
+        step = tf.cast(tf.pow(2.0, tf.maximum(octave - 2.0, 0.0)), tf.int32)
+        pad = (n + step - 1) // step * step - n
+        rows = tf.cast(_math.num_rows(_distribute.unwrap(var)),
+                       grad.indices.dtype)
+        values = tf.concat([grad.values, tf.zeros(
+            tf.concat([[pad], tf.shape(grad.values)[1:]], 0),
+            grad.values.dtype)], 0)
+        indices = tf.concat([grad.indices, tf.fill([pad], rows)], 0)
+        return tf.IndexedSlices(values, indices, grad.dense_shape)
 
     def minimize(self, loss, var_list, tape=None):
         """Computes gradients of `loss` and applies them.
@@ -448,6 +483,7 @@ class Adamax(tf.Module):
         """
         if callable(var_list):
             var_list = var_list()
+        var_list = _distribute.expand(var_list)
         if callable(loss):
             with tf.GradientTape() as tape:
                 tape.watch([_distribute.unwrap(v) for v in var_list])
@@ -474,7 +510,7 @@ class Adamax(tf.Module):
         """With `use_ema`, sets each variable to its moving average."""
         if not self._config.use_ema:
             return
-        for var in var_list:
+        for var in _distribute.expand(var_list):
             average = self._slots.get(var, "average")
             if average is not None:
                 _distribute.unwrap(var).assign(average)
@@ -549,6 +585,11 @@ def _name(var):
 
 
 def _check_variable(var):
+    if _private.is_sharded(var):
+        raise TypeError(
+            f"Variable {var.name!r} is a ShardedVariable: pass one gradient "
+            "per shard, e.g. zip(tape.gradient(loss, var.variables), "
+            "var.variables). Its slots are sharded like it.")
     var = _distribute.unwrap(var)
     if not hasattr(var, "dtype") or not hasattr(var, "assign"):
         raise TypeError(

@@ -1,0 +1,122 @@
+"""Compilation and distribution plumbing of the core optimizer.
+
+- sparse gradients whose length is only known at run time are padded to size
+  buckets for XLA; the padding must change nothing;
+- ShardedVariables (ParameterServerStrategy) are accepted where a variable
+  list is (build, minimize, get_slot), and rejected with a clear error as the
+  variable of a single gradient;
+- apply_gradients inside an XLA-compiled replica function of a multi-device
+  strategy raises a clear error instead of a cross-device XLA failure.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_adamax
+
+
+@pytest.mark.parametrize("mode", ["exact", "lazy"])
+def test_dynamic_length_sparse_padding_changes_nothing(mode):
+    rng = np.random.default_rng(3)
+    init = rng.normal(size=(40, 3)).astype(np.float32)
+    tables = {jit: tf.Variable(init) for jit in (True, False)}
+    opts = {jit: tf_adamax.Adamax(0.05, sparse_mode=mode, jit_compile=jit)
+            for jit in (True, False)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32),
+                                  tf.TensorSpec([None, 3], tf.float32)])
+    def step(ids, values):
+        # Data-dependent nnz, as a parameter-server shard sees it.
+        for jit in (True, False):
+            grad = tf.IndexedSlices(values, ids, tf.constant([40, 3]))
+            opts[jit].apply_gradients([(grad, tables[jit])])
+
+    for n in [1, 3, 9, 10, 17, 5, 33]:
+        ids = rng.integers(0, 40, size=n).astype(np.int32)
+        ids[: n // 2] = ids[0]  # duplicates
+        step(ids, rng.normal(size=(n, 3)).astype(np.float32))
+    np.testing.assert_allclose(tables[True].numpy(), tables[False].numpy(),
+                               rtol=1e-6, atol=1e-7)
+    for name in ("momentum", "norm"):
+        np.testing.assert_allclose(
+            opts[True].get_slot(tables[True], name).numpy(),
+            opts[False].get_slot(tables[False], name).numpy(),
+            rtol=1e-6, atol=1e-7)
+    if mode == "lazy":
+        # Padding rows point past the table: nothing else may move.
+        touched = tables[False].numpy() != init
+        np.testing.assert_array_equal(tables[True].numpy()[~touched],
+                                      init[~touched])
+
+
+def _sharded(rows=6):
+    shards = [tf.Variable(tf.fill([rows // 2, 2], 1.0), name=f"emb/part_{i}")
+              for i in range(2)]
+    return tf.__internal__.distribute.ShardedVariable(shards, name="emb")
+
+
+def test_sharded_variable_in_variable_lists():
+    emb = _sharded()
+    opt = tf_adamax.Adamax(0.1, sparse_mode="lazy")
+    opt.build([emb])
+    slot = opt.get_slot(emb, "momentum")
+    assert [s.shape.as_list() for s in slot.variables] == [[3, 2], [3, 2]]
+    opt.minimize(lambda: tf.reduce_sum(
+        tf.nn.embedding_lookup(emb, [0, 4]) ** 2), [emb])
+    first, second = (v.numpy() for v in emb.variables)
+    assert first[0, 0] < 1 and second[1, 0] < 1  # rows 0 and 4 moved
+    assert first[1, 0] == 1 and second[0, 0] == 1  # others did not
+    assert opt.get_slot(emb, "norm").variables[1].numpy()[1, 0] > 0
+
+
+def test_sharded_variable_as_single_variable_is_a_clear_error():
+    emb = _sharded()
+    opt = tf_adamax.Adamax()
+    with pytest.raises(TypeError, match="ShardedVariable.*per shard"):
+        opt.apply_gradients([(tf.ones([6, 2]), emb)])
+    assert int(opt.iterations.numpy()) == 0
+
+
+XLA_REPLICA_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    import tensorflow as tf
+    cpus = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(
+        cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+    import tf_adamax
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        w = tf.Variable(tf.ones([3]))
+        opt = tf_adamax.Adamax(0.1)
+
+    @tf.function(jit_compile=True)
+    def replica_step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(w ** 2)
+        opt.apply_gradients([(tape.gradient(loss, w), w)])
+
+    try:
+        strategy.run(replica_step)
+    except RuntimeError as e:
+        print("ERROR:", " ".join(str(e).split()))
+    print("iterations", int(opt.iterations.numpy()))
+""")
+
+
+def test_apply_inside_xla_replica_function_is_a_clear_error(tmp_path):
+    script = tmp_path / "xla_replica.py"
+    script.write_text(XLA_REPLICA_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True,
+                          text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "jit_compile=True" in proc.stdout
+    assert "call apply_gradients outside it" in proc.stdout
+    assert "iterations 0" in proc.stdout
