@@ -167,7 +167,8 @@ class Adamax(tf.Module):
         learning_rate = _hyper.check_learning_rate(learning_rate)
         if isinstance(learning_rate, tf.Variable):
             self._lr_source = None
-            self._learning_rate = learning_rate
+            self._learning_rate = learning_rate  # the caller's: not ours
+            self._owns_lr = False
         elif _hyper.is_schedule(learning_rate) or callable(learning_rate):
             self._lr_source = learning_rate
         elif self._learning_rate is not None and not self._user_lr_var():
