@@ -120,3 +120,25 @@ def test_apply_inside_xla_replica_function_is_a_clear_error(tmp_path):
     assert "jit_compile=True" in proc.stdout
     assert "call apply_gradients outside it" in proc.stdout
     assert "iterations 0" in proc.stdout
+
+
+def test_importing_tf_adamax_imports_no_keras():
+    # TensorFlow itself imports Keras 3 (for tf.keras); tf_adamax must add
+    # nothing to that and never import tf_keras.
+    code = textwrap.dedent("""
+        import sys
+        import tensorflow
+        keras_mods = lambda: {m for m in sys.modules
+                              if m.split(".")[0] in ("keras", "tf_keras")}
+        before = keras_mods()
+        import tf_adamax
+        tf_adamax.Adamax()
+        print("added", sorted(keras_mods() - before))
+        print("tf_keras", "tf_keras" in sys.modules)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "added []" in proc.stdout
+    assert "tf_keras False" in proc.stdout
