@@ -10,13 +10,15 @@ clipping, weight decay, EMA, mixed-precision loss scaling and
 
 from __future__ import annotations
 
+import os
+
 import tensorflow as tf
 import tf_keras
 
 from tf_adamax import _hyper
 from tf_adamax import _math
 
-__all__ = ["Adamax"]
+__all__ = ["Adamax", "load_model"]
 
 
 @tf_keras.saving.register_keras_serializable(package="tf_adamax")
@@ -229,3 +231,27 @@ class Adamax(tf_keras.optimizers.Optimizer):
             "sparse_mode": self.sparse_mode,
         })
         return config
+
+
+def load_model(filepath, **kwargs):
+    """`tf_keras.models.load_model` that also restores optimizer state.
+
+    For `.keras` files this is `tf_keras.models.load_model` itself. For a
+    SavedModel directory, tf-keras re-creates the optimizer from its config
+    but restores none of its state (for every optimizer, its own Adamax
+    included); the state is in the SavedModel's checkpoint, keyed by object,
+    and is read back here (slots are restored when they are built).
+
+    Args:
+      filepath: a `.keras` file or a SavedModel directory.
+      **kwargs: passed to `tf_keras.models.load_model`.
+
+    Returns:
+      The model, its optimizer's iterations and slots restored.
+    """
+    model = tf_keras.models.load_model(filepath, **kwargs)
+    checkpoint = os.path.join(filepath, "variables", "variables")
+    if getattr(model, "optimizer", None) is not None and tf.io.gfile.exists(
+            checkpoint + ".index"):
+        tf.train.Checkpoint(model).read(checkpoint).expect_partial()
+    return model
