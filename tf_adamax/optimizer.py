@@ -440,7 +440,8 @@ class Adamax(tf.Module):
                          for i in group.positions],
                         [decays[i] for i in group.positions],
                         iteration, lr, global_norm)
-        self._iterations.assign_add(1)
+            # Also after the index checks: a failed check changes nothing.
+            self._iterations.assign_add(1, read_value=False)
         return self._iterations
 
     def _bucketed(self, grad, var):
