@@ -26,10 +26,13 @@ import tf_keras
 
 import tf_adamax.tf_keras
 from reference import AdamaxReference, SparseGrad
+from keras_cases import (
+    BATCH, DIM, EMB_LR, REPO_ROOT, TOKENS, VOCAB, assert_matches_reference,
+    child_env, dense_data, embedding_batches, embedding_init, embedding_reference,
+    token_regression_data)
 
 Adamax = tf_adamax.tf_keras.Adamax
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_MODES = {
     "eager": dict(run_eagerly=True),
     "graph": dict(run_eagerly=False, jit_compile=False),
@@ -37,21 +40,9 @@ RUN_MODES = {
 }
 
 
-def child_env():
-    """Environment for a child Python that imports this checkout."""
-    path = os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
-            "PYTHONPATH": REPO_ROOT + (os.pathsep + path if path else "")}
-
-
 # ----------------------------------------------------------------------------
 # Dense model: identical to tf_keras.optimizers.Adamax.
 # ----------------------------------------------------------------------------
-def dense_data(n=80):
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(n, 5)).astype("float32")
-    y = (np.sin(x[:, :1]) + 0.1 * x[:, 1:2]).astype("float32")
-    return x, y
 
 
 def dense_model():
@@ -155,36 +146,11 @@ def test_lr_callback_reads_and_sets_learning_rate():
 # ----------------------------------------------------------------------------
 # Embedding with repeated tokens of opposite gradient sign.
 # ----------------------------------------------------------------------------
-VOCAB, DIM, TOKENS, BATCH, STEPS = 8, 3, 3, 4, 12
-EMB_LR = 0.05
-
-
-def embedding_batches():
-    """Token ids and per-token loss coefficients (the gradients, up to 1/B).
-
-    Token 0 and 1 of every example are the same id, with coefficients of
-    opposite sign (partial cancellation). Rows 6 and 7 never occur; others
-    are missing from some batches, which tells exact from lazy. All values
-    are multiples of 1/16 and BATCH a power of two: float32 sums are exact.
-    """
-    rng = np.random.default_rng(7)
-    n = BATCH * STEPS
-    ids = rng.integers(0, VOCAB - 2, size=(n, TOKENS))
-    ids[:, 1] = ids[:, 0]
-    coef = rng.integers(-8, 9, size=(n, TOKENS, DIM)) / 8.0
-    coef[:, 0] = np.where(coef[:, 0] == 0, 0.5, coef[:, 0])
-    coef[:, 1] = -0.5 * coef[:, 0]
-    return ids.astype("int32"), coef.astype("float32")
 
 
 def linear_token_loss(y_true, y_pred):
     # d loss / d embedding[id] = sum of the coefficients of id's occurrences.
     return tf.reduce_sum(y_true * y_pred, axis=[1, 2])
-
-
-def embedding_init():
-    rng = np.random.default_rng(3)
-    return rng.normal(size=(VOCAB, DIM)).astype("float32")
 
 
 def fit_embedding(optimizer, mode):
@@ -197,17 +163,6 @@ def fit_embedding(optimizer, mode):
     ids, coef = embedding_batches()
     model.fit(ids, coef, batch_size=BATCH, shuffle=False, verbose=0)
     return model
-
-
-def embedding_reference(sparse_mode):
-    ref = AdamaxReference(learning_rate=EMB_LR, sparse_mode=sparse_mode)
-    ref.add_variable("emb", embedding_init(), np.float32)
-    ids, coef = embedding_batches()
-    for s in range(STEPS):
-        batch = slice(s * BATCH, (s + 1) * BATCH)
-        ref.apply({"emb": SparseGrad(ids[batch].ravel(),
-                                     coef[batch].reshape(-1, DIM) / BATCH)})
-    return ref
 
 
 @pytest.mark.parametrize("mode", ["eager", "jit"])
@@ -279,15 +234,6 @@ def sparse_run(optimizer_class, sparse_mode, jit, steps=3, **kwargs):
     return var, opt, ref
 
 
-def assert_matches_reference(var, opt, ref):
-    np.testing.assert_allclose(var.numpy(), ref.w["table"], rtol=1e-5,
-                               atol=1e-6)
-    np.testing.assert_allclose(opt._m[0].numpy(), ref.m["table"], rtol=1e-5,
-                               atol=1e-6)
-    np.testing.assert_allclose(opt._u[0].numpy(), ref.u["table"], rtol=1e-5,
-                               atol=1e-6)
-
-
 SPARSE_OPTIONS = {
     "clipnorm": dict(clipnorm=0.5),
     "clipvalue": dict(clipvalue=0.3),
@@ -325,11 +271,6 @@ def test_tf_keras_builtin_clips_repeated_rows_per_copy():
 # ----------------------------------------------------------------------------
 # Saving: .keras and SavedModel round trips keep the optimizer state.
 # ----------------------------------------------------------------------------
-def token_regression_data(n=48):
-    rng = np.random.default_rng(5)
-    ids = rng.integers(0, 20, size=(n, 4)).astype("int32")
-    y = (ids % 3 == 0).mean(axis=1, keepdims=True).astype("float32")
-    return ids, y
 
 
 def token_model():
