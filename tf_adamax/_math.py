@@ -198,17 +198,6 @@ def exact_rows_step(var, m, u, rows, row_grads, hyper: Hyper):
     dense_step(var, m, u, grad, hyper)
 
 
-def exact_sparse_step(var, m, u, indices, values, hyper: Hyper):
-    """Applies an IndexedSlices gradient exactly as its densified gradient.
-
-    Duplicates are summed first, before |g| and max (max is not linear:
-    |g1| + |g2| != |g1 + g2| for opposite signs). Rows not named still decay
-    their moments and move, exactly as with a dense zero gradient.
-    """
-    rows, row_grads, _, _ = sum_duplicates(indices, values)
-    exact_rows_step(var, m, u, rows, row_grads, hyper)
-
-
 def _scatter_rows(var, m, u, rows, new_w, new_m, new_u):
     # Repeated rows carry identical results, so the scatter is well defined
     # whichever copy lands last. The return values (lazy reads of the whole
@@ -233,12 +222,22 @@ def lazy_rows_step(var, m, u, rows, row_grads, hyper: Hyper):
     _scatter_rows(var, m, u, rows, new_w, new_m, new_u)
 
 
-def lazy_sparse_step(var, m, u, indices, values, hyper: Hyper):
-    """Updates only the rows named in `indices`; O(nnz * row size).
+def rows_step(sparse_mode):
+    """The kernel for summed sparse rows: `lazy_rows_step` or
+    `exact_rows_step`."""
+    return lazy_rows_step if sparse_mode == "lazy" else exact_rows_step
 
-    Each named row gets exactly the dense update of that row (duplicates
-    summed first, global step t); every other row of var, m and u is left
-    untouched.
+
+def apply_gradient(var, m, u, grad, hyper: Hyper, sparse_mode):
+    """Applies a dense or `tf.IndexedSlices` gradient to `var`, `m`, `u`.
+
+    Sparse gradients have their duplicate indices summed first (before |g|
+    and max: max is not linear, |g1| + |g2| != |g1 + g2| for opposite
+    signs), then take the `sparse_mode` kernel. The entry point for callers
+    that apply one gradient at a time (the Keras adapters).
     """
-    rows, row_grads, _, _ = sum_duplicates(indices, values)
-    lazy_rows_step(var, m, u, rows, row_grads, hyper)
+    if isinstance(grad, tf.IndexedSlices):
+        rows, row_grads, _, _ = sum_duplicates(grad.indices, grad.values)
+        rows_step(sparse_mode)(var, m, u, rows, row_grads, hyper)
+    else:
+        dense_step(var, m, u, grad, hyper)

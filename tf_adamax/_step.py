@@ -164,10 +164,9 @@ def _update(config, states, grads, decays, step, learning_rate):
             weight_decay=config.weight_decay if decay else None,
         )
         if isinstance(grad, SparseRows):
-            rows_step = (_math.lazy_rows_step if config.sparse_mode == "lazy"
-                         else _math.exact_rows_step)
-            rows_step(state.var, state.momentum, state.norm, grad.rows,
-                      grad.values, hyper)
+            _math.rows_step(config.sparse_mode)(
+                state.var, state.momentum, state.norm, grad.rows, grad.values,
+                hyper)
         else:
             _math.dense_step(state.var, state.momentum, state.norm, grad,
                              hyper)

@@ -231,12 +231,7 @@ class Adamax(keras.optimizers.Optimizer):
             step=tf.cast(self.iterations, tf.int64) + 1,
             weight_decay=None,  # Keras 3 applied it before this call
         )
-        if isinstance(gradient, tf.IndexedSlices):
-            sparse_step = (_math.lazy_sparse_step if self.sparse_mode == "lazy"
-                           else _math.exact_sparse_step)
-            return sparse_step(var, m, u, gradient.indices, gradient.values,
-                               hyper)
-        return _math.dense_step(var, m, u, gradient, hyper)
+        _math.apply_gradient(var, m, u, gradient, hyper, self.sparse_mode)
 
     def apply(self, grads, trainable_variables=None):
         """Applies gradients (see `keras.optimizers.Optimizer.apply`).

@@ -194,12 +194,7 @@ class Adamax(tf_keras.optimizers.Optimizer):
             step=self.iterations + 1,
             weight_decay=None,  # tf-keras applied it before this call
         )
-        if isinstance(gradient, tf.IndexedSlices):
-            sparse_step = (_math.lazy_sparse_step if self.sparse_mode == "lazy"
-                           else _math.exact_sparse_step)
-            return sparse_step(variable, m, u, gradient.indices,
-                               gradient.values, hyper)
-        return _math.dense_step(variable, m, u, gradient, hyper)
+        _math.apply_gradient(variable, m, u, gradient, hyper, self.sparse_mode)
 
     def _clip_gradients(self, grads):
         # tf-keras's hook between gradient aggregation and clipping (private,
