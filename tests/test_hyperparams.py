@@ -58,17 +58,23 @@ def _lr_form(form):
     raise AssertionError(form)
 
 
-@pytest.mark.parametrize("mode", ("function", "jit"))
-@pytest.mark.parametrize("form", ("float", "keras3_schedule", "tf_keras_schedule",
-                                  "callable", "tensors"))
-def test_learning_rate_and_hyperparameter_forms(form, mode, rng):
-    opt_kw, ref_kw, hook = _lr_form(form)
+def _setup(mode, opt_kw, ref_kw, rng):
+    """Fresh variables, the optimizer and its step, and the reference."""
     variables, init = _vars(rng)
     opt = make_optimizer(mode, **opt_kw)
     step = make_step(opt, mode, variables)
     ref = AdamaxReference(**ref_kw)
     for i, x in enumerate(init):
         ref.add_variable(i, x, np.float32)
+    return variables, opt, step, ref
+
+
+@pytest.mark.parametrize("mode", ("function", "jit"))
+@pytest.mark.parametrize("form", ("float", "keras3_schedule", "tf_keras_schedule",
+                                  "callable", "tensors"))
+def test_learning_rate_and_hyperparameter_forms(form, mode, rng):
+    opt_kw, ref_kw, hook = _lr_form(form)
+    variables, opt, step, ref = _setup(mode, opt_kw, ref_kw, rng)
     for k in range(STEPS):
         if hook:
             hook(k)
@@ -116,12 +122,7 @@ def test_keyword_arguments_match_reference(name, mode, rng):
         opt_kw["learning_rate"] = keras.optimizers.schedules.ExponentialDecay(
             0.02, 2, 0.5)
         ref_kw["learning_rate"] = _exp_decay
-    variables, init = _vars(rng)
-    opt = make_optimizer(mode, **opt_kw)
-    step = make_step(opt, mode, variables)
-    ref = AdamaxReference(**ref_kw)
-    for i, x in enumerate(init):
-        ref.add_variable(i, x, np.float32)
+    variables, opt, step, ref = _setup(mode, opt_kw, ref_kw, rng)
     for k in range(STEPS):
         grads = _grads(rng)
         if name == "betas_zero" and k == 2:
