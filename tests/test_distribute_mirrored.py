@@ -101,35 +101,26 @@ def child_checkpoint(strategy, sparse_mode, ckpt_dir):
     before, after = range(CKPT_STEPS_BEFORE), range(CKPT_STEPS_BEFORE, len(ids))
     rec = {}
 
-    mirrored = dh.StrategyTrainer(strategy, cfg, init)
-    for s in before:
-        mirrored.step(ids[s], y[s])
-    mirrored.record(rec, "a_saved")
-    path = tf.train.Checkpoint(model=mirrored.model, optimizer=mirrored.opt).write(
-        os.path.join(ckpt_dir, f"{sparse_mode}-mirrored"))
-    for s in after:
-        mirrored.step(ids[s], y[s])
-    mirrored.record(rec, "a_cont_dist")
-    single = dh.ReferenceTrainer(cfg, other, NUM_REPLICAS)
-    _restore(tf, single, path, rec, "a_restored")
-    for s in after:
-        single.step(ids[s], y[s])
-    single.record(rec, "a_cont_ref")
+    def round_trip(tag, make_saver, saver_kind, make_restorer, restorer_kind):
+        saver = make_saver()
+        for s in before:
+            saver.step(ids[s], y[s])
+        saver.record(rec, f"{tag}_saved")
+        path = tf.train.Checkpoint(model=saver.model, optimizer=saver.opt).write(
+            os.path.join(ckpt_dir, f"{sparse_mode}-{tag}"))
+        for s in after:
+            saver.step(ids[s], y[s])
+        saver.record(rec, f"{tag}_cont_{saver_kind}")
+        restorer = make_restorer()
+        _restore(tf, restorer, path, rec, f"{tag}_restored")
+        for s in after:
+            restorer.step(ids[s], y[s])
+        restorer.record(rec, f"{tag}_cont_{restorer_kind}")
 
-    single = dh.ReferenceTrainer(cfg, init, NUM_REPLICAS)
-    for s in before:
-        single.step(ids[s], y[s])
-    single.record(rec, "b_saved")
-    path = tf.train.Checkpoint(model=single.model, optimizer=single.opt).write(
-        os.path.join(ckpt_dir, f"{sparse_mode}-single"))
-    for s in after:
-        single.step(ids[s], y[s])
-    single.record(rec, "b_cont_ref")
-    mirrored = dh.StrategyTrainer(strategy, cfg, other)
-    _restore(tf, mirrored, path, rec, "b_restored")
-    for s in after:
-        mirrored.step(ids[s], y[s])
-    mirrored.record(rec, "b_cont_dist")
+    round_trip("a", lambda: dh.StrategyTrainer(strategy, cfg, init), "dist",
+               lambda: dh.ReferenceTrainer(cfg, other, NUM_REPLICAS), "ref")
+    round_trip("b", lambda: dh.ReferenceTrainer(cfg, init, NUM_REPLICAS), "ref",
+               lambda: dh.StrategyTrainer(strategy, cfg, other), "dist")
     return rec
 
 
