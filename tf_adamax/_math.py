@@ -60,6 +60,58 @@ def as_dtype(value, dtype):
     return tf.cast(value, dtype)
 
 
+class _Coefficients(typing.NamedTuple):
+    learning_rate: typing.Any
+    beta_1: typing.Any
+    beta_2: typing.Any
+    epsilon: typing.Any
+    bias_correction: typing.Any  # 1 - beta_1 ** t
+    weight_decay: typing.Any
+
+
+def _coefficients(hyper: Hyper, dtype):
+    """`hyper` as tensors of the computation dtype."""
+    beta_1 = as_dtype(hyper.beta_1, dtype)
+    return _Coefficients(
+        learning_rate=as_dtype(hyper.learning_rate, dtype),
+        beta_1=beta_1,
+        beta_2=as_dtype(hyper.beta_2, dtype),
+        epsilon=as_dtype(hyper.epsilon, dtype),
+        bias_correction=1 - tf.pow(beta_1, as_dtype(hyper.step, dtype)),
+        weight_decay=(None if hyper.weight_decay is None
+                      else as_dtype(hyper.weight_decay, dtype)),
+    )
+
+
+# The update, term by term. `m` is linear in (m, g) and `u` a max, so a step
+# with g = 0 on most rows splits into a decay of every row plus the gradient
+# term of the named rows (`exact_rows_step`); `adamax_rows` adds them.
+def _decayed_momentum(m, c):
+    return c.beta_1 * m
+
+
+def _momentum_increment(g, c):
+    return (1 - c.beta_1) * g
+
+
+def _decayed_norm(u, c):
+    return c.beta_2 * u
+
+
+def _norm_candidate(g):
+    return tf.abs(g)
+
+
+def _new_weights(w, new_m, new_u, c):
+    """Decoupled weight decay, then the Adamax step, in the slot dtype."""
+    w_c = tf.cast(w, new_m.dtype)
+    if c.weight_decay is not None:
+        w_c = w_c - w_c * c.weight_decay * c.learning_rate
+    new_w = w_c - c.learning_rate * new_m / (
+        c.bias_correction * (new_u + c.epsilon))
+    return tf.cast(new_w, w.dtype)
+
+
 def adamax_rows(w, m, u, g, hyper: Hyper):
     """The pure Adamax update of a block of rows (or a whole variable).
 
@@ -73,22 +125,11 @@ def adamax_rows(w, m, u, g, hyper: Hyper):
     Returns:
       `(new_w, new_m, new_u)`: new_w in w's dtype, the slots in their dtype.
     """
-    dtype = m.dtype
-    lr = as_dtype(hyper.learning_rate, dtype)
-    beta_1 = as_dtype(hyper.beta_1, dtype)
-    beta_2 = as_dtype(hyper.beta_2, dtype)
-    epsilon = as_dtype(hyper.epsilon, dtype)
-    step = as_dtype(hyper.step, dtype)
-    g = tf.cast(g, dtype)
-    w_c = tf.cast(w, dtype)
-
-    new_m = beta_1 * m + (1 - beta_1) * g
-    new_u = tf.maximum(beta_2 * u, tf.abs(g))
-    if hyper.weight_decay is not None:
-        w_c = w_c - w_c * as_dtype(hyper.weight_decay, dtype) * lr
-    bias_correction = 1 - tf.pow(beta_1, step)
-    new_w = w_c - lr * new_m / (bias_correction * (new_u + epsilon))
-    return tf.cast(new_w, w.dtype), new_m, new_u
+    c = _coefficients(hyper, m.dtype)
+    g = tf.cast(g, m.dtype)
+    new_m = _decayed_momentum(m, c) + _momentum_increment(g, c)
+    new_u = tf.maximum(_decayed_norm(u, c), _norm_candidate(g))
+    return _new_weights(w, new_m, new_u, c), new_m, new_u
 
 
 def dense_step(var, m, u, grad, hyper: Hyper):
@@ -113,40 +154,68 @@ def _first_of_runs(sorted_indices):
                       sorted_indices[1:] != sorted_indices[:-1]], axis=0)
 
 
-def sum_duplicates(indices, values):
-    """Sums the rows of an IndexedSlices that name the same index.
+def first_copies(values, is_first):
+    """`values` with every entry not marked in `is_first` zeroed."""
+    mask = tf.cast(is_first, values.dtype)
+    return values * tf.reshape(mask, [-1] + [1] * (values.shape.rank - 1))
 
-    The result keeps one entry per input entry (static shape, so XLA compiles
-    it), sorted by index: `indices[i]` and `values[i]`, where `values[i]` is the
-    sum of all input rows with that index. Entries that repeat an index repeat
-    the same summed row, so an update computed per entry is the same for every
-    copy and a scatter of it is well defined.
+
+def sum_duplicates(indices, values):
+    """Sums the rows of an IndexedSlices that name the same index, by sorting.
+
+    O(nnz log nnz) and independent of the table size (the lazy path's cost
+    must not grow with the table). The result keeps one entry per input entry
+    (static shape, so XLA compiles it), sorted by index.
 
     Args:
       indices: int32/int64 vector, may hold duplicates in any order.
       values: tensor whose first dimension matches `indices`.
 
     Returns:
-      `(sorted_indices, per_entry_sums, segment_sums, is_first)` where
-      `segment_sums[k]` is the k-th distinct row's sum (zero-padded to the
-      input length) and `is_first[i]` marks the first entry of each distinct
-      index. Norms over `segment_sums` equal norms of the densified gradient.
+      `(rows, per_entry, once)`: the sorted indices; `per_entry[i]`, the sum
+      of all input rows naming `rows[i]` (entries that repeat an index repeat
+      the same sum, so an update computed per entry is the same for every
+      copy and a scatter of it is well defined); and `once`, `per_entry` with
+      every repeated entry zeroed, so sums and norms over it see each row
+      once.
     """
     n = tf.shape(indices)[0]
     order = tf.argsort(indices, stable=True)
-    sorted_indices = tf.gather(indices, order)
-    sorted_values = tf.gather(values, order)
-    is_first = _first_of_runs(sorted_indices)
+    rows = tf.gather(indices, order)
+    is_first = _first_of_runs(rows)
     segment_ids = tf.cumsum(tf.cast(is_first, tf.int32)) - 1
-    segment_sums = tf.math.unsorted_segment_sum(sorted_values, segment_ids, n)
-    per_entry = tf.gather(segment_sums, segment_ids)
-    return sorted_indices, per_entry, segment_sums, is_first
+    sums = tf.math.unsorted_segment_sum(tf.gather(values, order),
+                                        segment_ids, n)
+    per_entry = tf.gather(sums, segment_ids)
+    return rows, per_entry, first_copies(per_entry, is_first)
 
 
-def first_copies(values, is_first):
-    """`values` with every repeated entry zeroed (each row counted once)."""
-    mask = tf.cast(is_first, values.dtype)
-    return values * tf.reshape(mask, [-1] + [1] * (values.shape.rank - 1))
+def sum_duplicates_by_row(indices, values, num_rows):
+    """Sums the rows of an IndexedSlices that name the same index, by table.
+
+    For callers that are O(num_rows) anyway (the exact step): one int32 per
+    table row records the first entry naming it, which on XLA:CPU costs less
+    than sorting the entries. Entries keep their input order.
+
+    Returns:
+      `once`, aligned with `indices`: at the first entry naming each row, the
+      sum of all input rows naming it; zero rows at the other entries and at
+      entries whose index is outside `[0, num_rows)` (the optimizer rejects
+      those before this where asserts can run; inside XLA they are dropped).
+    """
+    n = tf.shape(indices, out_type=indices.dtype)[0]
+    num_rows = tf.cast(num_rows, indices.dtype)
+    position = tf.range(n, dtype=indices.dtype)
+    valid = (indices >= 0) & (indices < num_rows)
+    # Invalid entries share one extra slot, so no index is ever out of range.
+    slot = tf.where(valid, indices, num_rows)
+    first = tf.gather(
+        tf.tensor_scatter_nd_min(tf.fill([num_rows + 1], n), slot[:, None],
+                                 position),
+        slot)
+    # Negative segment ids are dropped: invalid entries add nothing.
+    return tf.math.unsorted_segment_sum(
+        values, tf.where(valid, first, -1), n)
 
 
 def merge_duplicates(slices):
@@ -156,9 +225,8 @@ def merge_duplicates(slices):
     zero rows (static shape, for XLA). Row-wise transforms (clipping by
     value, norms) then see the densified gradient, not each copy.
     """
-    indices, sums, _, is_first = sum_duplicates(slices.indices, slices.values)
-    return tf.IndexedSlices(first_copies(sums, is_first), indices,
-                            slices.dense_shape)
+    rows, _, once = sum_duplicates(slices.indices, slices.values)
+    return tf.IndexedSlices(once, rows, slices.dense_shape)
 
 
 def num_rows(var):
@@ -176,26 +244,37 @@ def densify(indices, values, num_rows):
     return tf.math.unsorted_segment_sum(values, indices, num_rows)
 
 
-def exact_rows_step(var, m, u, rows, row_grads, hyper: Hyper):
-    """Applies summed gradient rows exactly as their densified gradient.
+def exact_rows_step(var, m, u, rows, once, hyper: Hyper):
+    """Applies a sparse gradient exactly as its densified gradient.
 
-    Rows not named have g = 0 and still decay their moments and move, as
-    with a dense zero gradient. The gradient is densified (each distinct row
-    once) and fed to `dense_step`: on XLA:CPU an elementwise pass over a
-    materialized gradient runs 3-4x faster than the same pass with an
-    implicit zero gradient plus a scatter of the named rows (measured in
-    benchmarks/), so densifying is the faster exact path.
+    Rows not named have g = 0: their moments decay and they still move. The
+    zero rows are never materialized: every row's slots decay in one pass,
+    the named rows' gradient terms are scattered into them (`m` is linear in
+    g; `u = max(beta_2 * u, |g|)` a scatter-max), and the weights take one
+    more pass. That is 8 passes over table-sized arrays where a dense step
+    with a materialized gradient makes 10.
 
     Args:
       var, m, u: the variable and its slots.
-      rows: sorted row indices; may repeat, each copy carrying the same
-        summed row (as `sum_duplicates` returns them).
-      row_grads: the full gradient of each named row.
+      rows: row indices, may repeat; out-of-range rows are dropped by XLA.
+      once: gradient rows aligned with `rows`, each distinct row's full
+        (summed) gradient at exactly one of its entries and zero rows at the
+        others (`sum_duplicates_by_row`, or `once` of `sum_duplicates`).
       hyper: the step's `Hyper`.
     """
-    grad = densify(rows, first_copies(row_grads, _first_of_runs(rows)),
-                   num_rows(var))
-    dense_step(var, m, u, grad, hyper)
+    c = _coefficients(hyper, m.dtype)
+    g = tf.cast(once, m.dtype)
+    at = rows[:, None]
+    new_m = tf.tensor_scatter_nd_add(
+        _decayed_momentum(m.read_value(), c), at, _momentum_increment(g, c))
+    # Zero rows at repeated entries are harmless: max(beta_2 * u, 0) is a
+    # no-op since u >= 0.
+    new_u = tf.tensor_scatter_nd_max(
+        _decayed_norm(u.read_value(), c), at, _norm_candidate(g))
+    new_w = _new_weights(var.read_value(), new_m, new_u, c)
+    m.assign(new_m, read_value=False)
+    u.assign(new_u, read_value=False)
+    var.assign(new_w, read_value=False)
 
 
 def _scatter_rows(var, m, u, rows, new_w, new_m, new_u):
@@ -222,22 +301,39 @@ def lazy_rows_step(var, m, u, rows, row_grads, hyper: Hyper):
     _scatter_rows(var, m, u, rows, new_w, new_m, new_u)
 
 
-def rows_step(sparse_mode):
-    """The kernel for summed sparse rows: `lazy_rows_step` or
-    `exact_rows_step`."""
-    return lazy_rows_step if sparse_mode == "lazy" else exact_rows_step
+def sum_rows(indices, values, num_rows, sparse_mode):
+    """Sums the duplicate rows of an IndexedSlices the way `sparse_mode`'s
+    kernel needs them (always before any nonlinearity: |g| and max are not
+    linear, |g1| + |g2| != |g1 + g2| for opposite signs).
+
+    Returns `(rows, once, per_entry)`, see `sum_duplicates`. "exact" sums
+    through the table (`sum_duplicates_by_row`: the exact step is O(rows of
+    the table) anyway) and has no `per_entry` (None); "lazy" sorts, so its
+    cost does not depend on the table.
+    """
+    if sparse_mode == "lazy":
+        rows, per_entry, once = sum_duplicates(indices, values)
+        return rows, once, per_entry
+    return indices, sum_duplicates_by_row(indices, values, num_rows), None
+
+
+def rows_step(var, m, u, rows, once, per_entry, hyper: Hyper, sparse_mode):
+    """The `sparse_mode` kernel on rows summed by `sum_rows`."""
+    if sparse_mode == "lazy":
+        lazy_rows_step(var, m, u, rows, per_entry, hyper)
+    else:
+        exact_rows_step(var, m, u, rows, once, hyper)
 
 
 def apply_gradient(var, m, u, grad, hyper: Hyper, sparse_mode):
     """Applies a dense or `tf.IndexedSlices` gradient to `var`, `m`, `u`.
 
-    Sparse gradients have their duplicate indices summed first (before |g|
-    and max: max is not linear, |g1| + |g2| != |g1 + g2| for opposite
-    signs), then take the `sparse_mode` kernel. The entry point for callers
-    that apply one gradient at a time (the Keras adapters).
+    The entry point for callers that apply one gradient at a time (the Keras
+    adapters).
     """
     if isinstance(grad, tf.IndexedSlices):
-        rows, row_grads, _, _ = sum_duplicates(grad.indices, grad.values)
-        rows_step(sparse_mode)(var, m, u, rows, row_grads, hyper)
+        rows, once, per_entry = sum_rows(grad.indices, grad.values,
+                                         num_rows(var), sparse_mode)
+        rows_step(var, m, u, rows, once, per_entry, hyper, sparse_mode)
     else:
         dense_step(var, m, u, grad, hyper)

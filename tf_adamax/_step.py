@@ -47,50 +47,51 @@ class VarState(typing.NamedTuple):
 
 
 class SparseRows(typing.NamedTuple):
-    """A sparse gradient after `_math.sum_duplicates`.
+    """A sparse gradient after `_math.sum_rows`.
 
-    `rows` sorted (may repeat), `values[i]` the summed gradient of row
-    `rows[i]`, `is_first[i]` marks one entry per distinct row, so sums and
-    norms over `values * is_first` see each row once.
+    `rows` may repeat; `once[i]` is the summed gradient of row `rows[i]` at
+    one entry per distinct row and zero at the others, so sums and norms over
+    it see each row once. `per_entry[i]` (lazy mode only, else None) is the
+    summed gradient of `rows[i]` at every entry.
     """
 
     rows: tf.Tensor
-    values: tf.Tensor
-    is_first: tf.Tensor
-
-    def once(self):
-        """`values` with repeated entries zeroed: each row counted once."""
-        return _math.first_copies(self.values, self.is_first)
+    once: tf.Tensor
+    per_entry: typing.Optional[tf.Tensor]
 
 
-def prepare(grad):
+def prepare(grad, var=None, sparse_mode="lazy"):
     """Brings a gradient into the form the step works on.
 
     An IndexedSlices has its duplicate rows summed once, here, before any
-    nonlinearity (clipping, |g|, max), and stays O(nnz) in both sparse modes.
+    nonlinearity (clipping, |g|, max), in the form `sparse_mode`'s kernel
+    takes (`var` gives the table size for "exact").
     """
     if isinstance(grad, tf.IndexedSlices):
-        rows, values, _, is_first = _math.sum_duplicates(
-            grad.indices, grad.values)
-        return SparseRows(rows, values, is_first)
+        size = None if var is None else _math.num_rows(var)
+        return SparseRows(*_math.sum_rows(
+            grad.indices, grad.values, size,
+            sparse_mode if var is not None else "lazy"))
     return grad
 
 
 def _map(grad, fn):
     if isinstance(grad, SparseRows):
-        return grad._replace(values=fn(grad.values))
+        return grad._replace(
+            once=fn(grad.once),
+            per_entry=None if grad.per_entry is None else fn(grad.per_entry))
     return fn(grad)
 
 
 def _sq_norm(grad):
-    values = grad.once() if isinstance(grad, SparseRows) else grad
+    values = grad.once if isinstance(grad, SparseRows) else grad
     values = tf.cast(values, _math.compute_dtype(values.dtype))
     return tf.reduce_sum(tf.square(values))
 
 
 def _to_dense(grad, var):
     if isinstance(grad, SparseRows):
-        return _math.densify(grad.rows, grad.once(), _math.num_rows(var))
+        return _math.densify(grad.rows, grad.once, _math.num_rows(var))
     return grad
 
 
@@ -164,9 +165,9 @@ def _update(config, states, grads, decays, step, learning_rate):
             weight_decay=config.weight_decay if decay else None,
         )
         if isinstance(grad, SparseRows):
-            _math.rows_step(config.sparse_mode)(
-                state.var, state.momentum, state.norm, grad.rows, grad.values,
-                hyper)
+            _math.rows_step(state.var, state.momentum, state.norm, grad.rows,
+                            grad.once, grad.per_entry, hyper,
+                            config.sparse_mode)
         else:
             _math.dense_step(state.var, state.momentum, state.norm, grad,
                              hyper)
@@ -191,7 +192,8 @@ def apply_step(config: StepConfig, states, grads, decays, iteration,
     control dependencies); nothing is returned, so the function can be
     wrapped in `tf.function(jit_compile=True)` as is.
     """
-    grads = [prepare(g) for g in grads]
+    grads = [prepare(g, s.var, config.sparse_mode)
+             for g, s in zip(grads, states)]
     if config.loss_scale_factor is not None:
         grads = [_map(g, lambda v: v / _math.as_dtype(
                     config.loss_scale_factor, v.dtype)) for g in grads]
@@ -221,7 +223,7 @@ def apply_step(config: StepConfig, states, grads, decays, iteration,
             for g, s in zip(grads, states):
                 if isinstance(g, SparseRows):
                     s.accumulator.scatter_add(tf.IndexedSlices(
-                        tf.cast(g.once(), s.accumulator.dtype), g.rows))
+                        tf.cast(g.once, s.accumulator.dtype), g.rows))
                 else:
                     s.accumulator.assign_add(
                         tf.cast(g, s.accumulator.dtype), read_value=False)
