@@ -142,3 +142,49 @@ def test_importing_tf_adamax_imports_no_keras():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "added []" in proc.stdout
     assert "tf_keras False" in proc.stdout
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(sparse_mode="exact", weight_decay=0.01),
+    dict(sparse_mode="lazy", use_ema=True, gradient_accumulation_steps=2),
+])
+def test_many_variables_split_over_cores_match_reference(monkeypatch, rng, kwargs):
+    """On CPU a long variable list is updated by one XLA program per core.
+
+    The split is forced at 6 variables here (it starts at 32 per program);
+    the result must equal the reference, and the update must have been
+    compiled for two parts.
+    """
+    from conftest import AdamaxReference, SparseGrad, check_against_reference
+
+    monkeypatch.setattr(tf_adamax._distribute, "_MIN_VARIABLES_PER_PROGRAM", 2)
+    monkeypatch.setattr(tf_adamax.optimizer, "_cores", lambda: 2)
+    shapes = [(5, 3), (7,), (4, 2, 2), (6, 3), (3,), (2, 5)]
+    dtypes = [np.float32, np.float64] * 3
+    opt = tf_adamax.Adamax(0.05, **kwargs)
+    ref = AdamaxReference(learning_rate=0.05, **kwargs)
+    var_list = []
+    for i, (shape, dtype) in enumerate(zip(shapes, dtypes)):
+        init = rng.normal(size=shape).astype(dtype)
+        var_list.append(tf.Variable(init))
+        ref.add_variable(i, init, dtype)
+    step = tf.function(lambda grads: opt.apply_gradients(zip(grads, var_list)))
+    for _ in range(4):
+        grads, ref_grads = [], {}
+        for i, (shape, dtype) in enumerate(zip(shapes, dtypes)):
+            if i == 3:  # sparse, with an opposite-sign duplicate
+                ids = np.array([1, 4, 1, 0])
+                values = rng.normal(size=(4, 3)).astype(dtype)
+                values[2] = -0.6 * values[0]
+                grads.append(tf.IndexedSlices(tf.constant(values),
+                                              tf.constant(ids),
+                                              tf.constant(shape)))
+                ref_grads[i] = SparseGrad(ids, values.astype(np.float64))
+            else:
+                g = rng.normal(size=shape).astype(dtype)
+                grads.append(tf.constant(g))
+                ref_grads[i] = g.astype(np.float64)
+        step(grads)
+        ref.apply(ref_grads)
+    check_against_reference(opt, var_list, ref, range(len(var_list)))
+    assert opt._fns.update.experimental_get_tracing_count() == 2

@@ -8,6 +8,7 @@ list of variables); the strategy glue in `_distribute`.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import tensorflow as tf
@@ -409,6 +410,8 @@ class Adamax(tf.Module):
         grads = _distribute.all_reduce(strategy, grads, variables)
         checks = _index_checks(strategy, grads, variables)
         groups, replicated = _distribute.plan(strategy, variables)
+        if self._jit_compile and self._config.global_clipnorm is None:
+            groups = _distribute.split_for_cores(groups, variables, _cores())
         global_norm = None
         if (self._config.global_clipnorm is not None and len(groups) > 1
                 and not replicated):
@@ -654,3 +657,9 @@ def _index_checks(strategy, grads, variables):
             "out of range [0, rows):", rows, "indices:", g.indices],
             summarize=20))
     return checks
+
+
+def _cores():
+    """Threads TF runs independent ops on (0 configured means one per core)."""
+    return (tf.config.threading.get_inter_op_parallelism_threads()
+            or os.cpu_count() or 1)
