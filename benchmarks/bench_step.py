@@ -1165,7 +1165,9 @@ def _machine() -> dict:
     info = {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(),
             "mem_total_gib": None, "gpus": [d.name for d in
-                                             tf.config.list_physical_devices("GPU")]}
+                                             tf.config.list_physical_devices("GPU")],
+            # Process-wide XLA options change every compiled competitor.
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
     try:
         with open("/proc/meminfo") as f:
             info["mem_total_gib"] = int(f.readline().split()[1]) / 1024**2
@@ -1265,7 +1267,9 @@ def run_case(case: str, cfg: Config, out_dir: str, argv: list) -> list:
         notes.append("plot failed: " + _first_line(exc))
         ppath = None
     text = [f"### case {case}  ({doc['created']}, {doc['wall_seconds']}s, load avg "
-            f"{load0[0]:.2f} -> {doc['load_avg_end'][0]:.2f})"]
+            f"{load0[0]:.2f} -> {doc['load_avg_end'][0]:.2f})"
+            + (f"  XLA_FLAGS={os.environ['XLA_FLAGS']}"
+               if os.environ.get("XLA_FLAGS") else "")]
     text += [format_table(case, r) for r in records]
     text += notes
     text.append(format_targets(targets))

@@ -188,3 +188,22 @@ def test_many_variables_split_over_cores_match_reference(monkeypatch, rng, kwarg
         ref.apply(ref_grads)
     check_against_reference(opt, var_list, ref, range(len(var_list)))
     assert opt._fns.update.experimental_get_tracing_count() == 2
+
+
+def test_exact_mode_materializes_the_gradient_only_for_small_tables():
+    """The size rule of `sparse_mode="exact"` (both formulations are checked
+    against the reference in test_sparse.py): static shapes only."""
+    from tf_adamax import _math
+
+    ids = tf.zeros([4], tf.int32)
+    per_row = _math._DENSE_ROWS_PER_SPARSE_ROW
+    assert _math.exact_as_dense(ids, 4 * per_row)
+    assert not _math.exact_as_dense(ids, 4 * per_row + 1)
+    assert not _math.exact_as_dense(ids, tf.constant(4))  # table size unknown
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32)])
+    def dynamic(ids):
+        assert not _math.exact_as_dense(ids, 8)  # nnz unknown
+        return ids
+
+    dynamic(ids)

@@ -244,6 +244,24 @@ def densify(indices, values, num_rows):
     return tf.math.unsorted_segment_sum(values, indices, num_rows)
 
 
+# Measured on XLA:CPU with 4096 rows of 64 (benchmarks/): materializing the
+# gradient wins up to about 11 table rows per sparse row, the scatters of
+# `exact_rows_step` beyond.
+_DENSE_ROWS_PER_SPARSE_ROW = 8
+
+
+def exact_as_dense(indices, num_rows):
+    """Whether an exact step is cheaper through the densified gradient.
+
+    When the batch names a large share of a small table, one scatter into a
+    zero table and `dense_step` cost less than `exact_rows_step`'s row table
+    and scatters. Decided from static shapes only (unknown: no).
+    """
+    nnz = indices.shape[0]
+    return (isinstance(num_rows, int) and nnz is not None
+            and num_rows <= _DENSE_ROWS_PER_SPARSE_ROW * nnz)
+
+
 def exact_rows_step(var, m, u, rows, once, hyper: Hyper):
     """Applies a sparse gradient exactly as its densified gradient.
 
@@ -332,8 +350,13 @@ def apply_gradient(var, m, u, grad, hyper: Hyper, sparse_mode):
     adapters).
     """
     if isinstance(grad, tf.IndexedSlices):
-        rows, once, per_entry = sum_rows(grad.indices, grad.values,
-                                         num_rows(var), sparse_mode)
+        size = num_rows(var)
+        if sparse_mode == "exact" and exact_as_dense(grad.indices, size):
+            dense_step(var, m, u, densify(grad.indices, grad.values, size),
+                       hyper)
+            return
+        rows, once, per_entry = sum_rows(grad.indices, grad.values, size,
+                                         sparse_mode)
         rows_step(var, m, u, rows, once, per_entry, hyper, sparse_mode)
     else:
         dense_step(var, m, u, grad, hyper)

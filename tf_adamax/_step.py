@@ -65,13 +65,19 @@ def prepare(grad, var=None, sparse_mode="lazy"):
 
     An IndexedSlices has its duplicate rows summed once, here, before any
     nonlinearity (clipping, |g|, max), in the form `sparse_mode`'s kernel
-    takes (`var` gives the table size for "exact").
+    takes (`var` gives the table size for "exact"); in "exact" mode a batch
+    naming a large share of a small table becomes its dense gradient
+    (`_math.exact_as_dense`).
     """
     if isinstance(grad, tf.IndexedSlices):
-        size = None if var is None else _math.num_rows(var)
-        return SparseRows(*_math.sum_rows(
-            grad.indices, grad.values, size,
-            sparse_mode if var is not None else "lazy"))
+        if var is None:  # for norms only
+            return SparseRows(*_math.sum_rows(grad.indices, grad.values,
+                                              None, "lazy"))
+        size = _math.num_rows(var)
+        if sparse_mode == "exact" and _math.exact_as_dense(grad.indices, size):
+            return _math.densify(grad.indices, grad.values, size)
+        return SparseRows(*_math.sum_rows(grad.indices, grad.values, size,
+                                          sparse_mode))
     return grad
 
 
