@@ -214,18 +214,20 @@ def split_for_cores(groups, variables, cores):
     """Splits each CPU group of many variables into up to `cores` programs.
 
     XLA:CPU runs one program's kernels one after another and its launch pays
-    a fixed cost per resource variable (measured in benchmarks/: about 60% of
-    a step of 200 64x64 variables). Programs of independent groups run
-    concurrently on TF's inter-op threads, so a group of many variables is cut
-    into consecutive parts of about equal size, one per core. GPU and TPU
-    groups stay whole: there one launch of one program is cheapest.
+    a fixed cost per resource variable (profiled for benchmarks/: ~5 us per
+    variable in TF's launch, ~7 us per compiled loop, three loops per
+    variable). Programs of independent groups run concurrently on TF's
+    inter-op threads, so a group of many variables is cut into consecutive
+    parts of about equal size, one per core. GPU and TPU groups (and groups
+    whose device is not known) stay whole: there one launch of one program is
+    cheapest.
     """
     out = []
     for group in groups:
         parts = min(max(1, cores // len(groups)),
                     len(group.positions) // _MIN_VARIABLES_PER_PROGRAM)
         device_type = tf.DeviceSpec.from_string(group.device or "").device_type
-        if parts < 2 or (device_type or "CPU").upper() != "CPU":
+        if parts < 2 or (device_type or "").upper() != "CPU":
             out.append(group)
             continue
         sizes = [unwrap(variables[i]).shape.num_elements() or 1
