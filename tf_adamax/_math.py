@@ -193,7 +193,7 @@ def sum_duplicates(indices, values):
 def sum_duplicates_by_row(indices, values, num_rows):
     """Sums the rows of an IndexedSlices that name the same index, by table.
 
-    For callers that are O(num_rows) anyway (the exact step): one int32 per
+    For callers that are O(num_rows) anyway (the exact step): one index per
     table row records the first entry naming it, which on XLA:CPU costs less
     than sorting the entries. Entries keep their input order.
 
