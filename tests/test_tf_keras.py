@@ -76,6 +76,9 @@ def test_dense_fit_matches_tf_keras_adamax(mode):
     ours, _ = fit_dense(Adamax(learning_rate=0.01), mode)
     theirs, _ = fit_dense(tf_keras.optimizers.Adamax(learning_rate=0.01), mode)
     assert int(ours.optimizer.iterations.numpy()) == 20
+    # Without a strategy the updates of all variables are one XLA program,
+    # traced once.
+    assert ours.optimizer._update_all_fn.fn.experimental_get_tracing_count() == 1
     assert_same_weights(ours, theirs)
     for va, vb in zip(ours.optimizer.variables, theirs.optimizer.variables):
         assert va.name == vb.name  # same slot names: drop-in checkpoints

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from tf_adamax import _hyper
 from tf_adamax import _math
+from tf_adamax._untracked import Untracked
 
 __all__ = ["Adamax"]
 
@@ -84,6 +85,10 @@ class Adamax(keras.optimizers.Optimizer):
     accumulates gradients in dense buffers, so with `weight_decay` all rows
     decay, and with `gradient_accumulation_steps` every update is dense
     (`t` then counts updates, not calls, as in `keras.optimizers.Adamax`).
+
+    Without a `tf.distribute` strategy the updates of all variables run as
+    one XLA program, also when `fit` itself is not compiled; under a
+    strategy Keras's per-variable updates run.
 
     Args:
       learning_rate: A float, a `keras.optimizers.schedules.LearningRateSchedule`,
@@ -167,6 +172,7 @@ class Adamax(keras.optimizers.Optimizer):
         self.beta_2 = beta_2
         self.epsilon = epsilon
         self.sparse_mode = sparse_mode
+        self._update_all_fn = None
 
     def build(self, var_list):
         """Creates the slots `momentum` (m) and `norm` (u) of each variable.
@@ -232,6 +238,32 @@ class Adamax(keras.optimizers.Optimizer):
             weight_decay=None,  # Keras 3 applied it before this call
         )
         _math.apply_gradient(var, m, u, gradient, hyper, self.sparse_mode)
+
+    def _distributed_tf_update_step(self, distribution, grads_and_vars,
+                                    learning_rate):
+        """Runs `update_step` for every variable in ONE XLA program.
+
+        Keras 3 (private hook of its TensorFlow optimizer) runs the updates
+        variable by variable, as separate TF ops unless the whole train step
+        is compiled. Without a `tf.distribute` strategy they are compiled
+        together here instead; under a strategy Keras's own per-variable
+        `extended.update` path is kept (it places each update on every copy
+        of a mirrored variable).
+        """
+        if tf.distribute.has_strategy():
+            return super()._distributed_tf_update_step(
+                distribution, grads_and_vars, learning_rate)
+        if self._update_all_fn is None:
+            # Kept out of Keras's attribute tracking (and SavedModel).
+            self._update_all_fn = Untracked(fn=tf.function(
+                self._update_all, jit_compile=True, reduce_retracing=True))
+        grads, variables = zip(*grads_and_vars)
+        self._update_all_fn.fn(list(grads), list(variables),
+                          tf.convert_to_tensor(_tf_variable(learning_rate)))
+
+    def _update_all(self, grads, variables, learning_rate):
+        for grad, variable in zip(grads, variables):
+            self.update_step(grad, variable, learning_rate)
 
     def apply(self, grads, trainable_variables=None):
         """Applies gradients (see `keras.optimizers.Optimizer.apply`).

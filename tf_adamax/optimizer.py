@@ -19,13 +19,7 @@ from tf_adamax import _math
 from tf_adamax import _private
 from tf_adamax import _slots
 from tf_adamax import _step
-
-
-class _Untracked:
-    """Holds objects that must not become checkpoint/SavedModel children."""
-
-    def __init__(self, **kwargs):
-        self.__dict__.update(kwargs)
+from tf_adamax._untracked import Untracked
 
 
 class Adamax(tf.Module):
@@ -144,7 +138,7 @@ class Adamax(tf.Module):
         self._jit_compile = jit_compile
         # Plain Python state lives in an untracked holder: tf.Module would
         # otherwise wrap tuples and functions as checkpoint dependencies.
-        self._fns = _Untracked(
+        self._fns = Untracked(
             config=config,
             strategy=_distribute.current_strategy(),
             update=tf.function(_step.apply_step, jit_compile=True,

@@ -17,6 +17,7 @@ import tf_keras
 
 from tf_adamax import _hyper
 from tf_adamax import _math
+from tf_adamax._untracked import Untracked
 
 __all__ = ["Adamax", "load_model"]
 
@@ -76,9 +77,11 @@ class Adamax(tf_keras.optimizers.Optimizer):
       ema_momentum: Momentum of the weight EMA.
       ema_overwrite_frequency: If set with `use_ema`, overwrite the weights
         with their EMA every this many steps.
-      jit_compile: Compile each variable's update with XLA. As in tf-keras,
-        this only takes effect when a GPU is present (`model.compile(
-        jit_compile=True)` compiles the whole train step regardless).
+      jit_compile: Compile the update of all variables as one XLA program
+        (on any device). Under a `tf.distribute` strategy or with `use_ema`,
+        tf-keras's per-variable update runs instead, compiled per variable
+        only when a GPU is present, as in tf-keras. (`model.compile(
+        jit_compile=True)` compiles the whole train step regardless.)
       name: Name of the optimizer.
       sparse_mode: `"exact"` or `"lazy"`, see above.
       **kwargs: Other `tf_keras.optimizers.Optimizer` arguments; unknown
@@ -138,6 +141,10 @@ class Adamax(tf_keras.optimizers.Optimizer):
         self.beta_2 = beta_2
         self.epsilon = epsilon
         self.sparse_mode = sparse_mode
+        # tf-keras turns `self.jit_compile` off without a GPU; the update of
+        # all variables is compiled as one program on any device.
+        self._jit_all = jit_compile
+        self._update_all_fn = None
 
     def build(self, var_list):
         """Creates the slots `m` and `u` of each variable.
@@ -196,6 +203,33 @@ class Adamax(tf_keras.optimizers.Optimizer):
         )
         _math.apply_gradient(variable, m, u, gradient, hyper, self.sparse_mode)
 
+    def _distributed_apply_gradients_fn(self, distribution, grads_and_vars,
+                                        **kwargs):
+        """Runs `update_step` for every variable in ONE XLA program.
+
+        tf-keras (private hook) updates variable by variable, compiling each
+        with XLA only when a GPU is present. With `jit_compile=True`, no
+        `tf.distribute` strategy and no EMA, the updates are compiled
+        together here; otherwise tf-keras's own path runs (under a strategy
+        it places each update on every copy of a mirrored variable).
+        """
+        if not self._jit_all or self.use_ema or tf.distribute.has_strategy():
+            return super()._distributed_apply_gradients_fn(
+                distribution, grads_and_vars, **kwargs)
+        if self._update_all_fn is None:
+            self._update_all_fn = Untracked(fn=tf.function(
+                self._update_all, jit_compile=True, reduce_retracing=True))
+        grads, variables = zip(*grads_and_vars)
+        self._update_all_fn.fn(list(grads), list(variables))
+        # With no pairs left, tf-keras only increments `iterations` (ordered
+        # after the update's read of it by TF's automatic control deps).
+        return super()._distributed_apply_gradients_fn(distribution, [],
+                                                       **kwargs)
+
+    def _update_all(self, grads, variables):
+        for grad, variable in zip(grads, variables):
+            self._update_step(grad, variable)
+
     def _clip_gradients(self, grads):
         # tf-keras's hook between gradient aggregation and clipping (private,
         # but the only point where aggregated sparse gradients can be
@@ -224,6 +258,8 @@ class Adamax(tf_keras.optimizers.Optimizer):
             "beta_2": self.beta_2,
             "epsilon": self.epsilon,
             "sparse_mode": self.sparse_mode,
+            # The argument as given (tf-keras stores its GPU-only flag).
+            "jit_compile": self._jit_all,
         })
         return config
 
