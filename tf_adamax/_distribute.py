@@ -208,10 +208,14 @@ def component(strategy, value, group):
 # Below this many variables a program's fixed launch cost is not worth
 # splitting; see `split_for_cores`.
 _MIN_VARIABLES_PER_PROGRAM = 32
+# Each part is compiled on its own; beyond a few, more parts add compile
+# time and contend for the same memory bandwidth.
+_MAX_PROGRAMS_PER_DEVICE = 4
 
 
 def split_for_cores(groups, variables, cores):
-    """Splits each CPU group of many variables into up to `cores` programs.
+    """Splits each CPU group of many variables into up to `cores` programs (at
+    most `_MAX_PROGRAMS_PER_DEVICE`).
 
     XLA:CPU runs one program's kernels one after another and its launch pays
     a fixed cost per resource variable (profiled for benchmarks/: ~5 us per
@@ -224,7 +228,7 @@ def split_for_cores(groups, variables, cores):
     """
     out = []
     for group in groups:
-        parts = min(max(1, cores // len(groups)),
+        parts = min(max(1, cores // len(groups)), _MAX_PROGRAMS_PER_DEVICE,
                     len(group.positions) // _MIN_VARIABLES_PER_PROGRAM)
         device_type = tf.DeviceSpec.from_string(group.device or "").device_type
         if parts < 2 or (device_type or "").upper() != "CPU":
