@@ -217,3 +217,17 @@ def _lookup_grads(emb, w, ids, y):
     rows = emb[ids]
     r = 2.0 * (rows @ w - y)
     return r[:, None] * w[None, :], rows.T @ r
+
+
+@pytest.mark.parametrize("sparse_mode", ["exact", "lazy"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_sparse_matches_reference(dtype, sparse_mode, rng,
+                                                 exact_kernel_kind):
+    """Half-precision tables (float32 slots) through every sparse kernel, XLA."""
+    emb, bias, opt, step, ref = _setup(rng, dtype, sparse_mode, "xla")
+    for t in range(1, 6):
+        slices, sg = random_sparse(rng, ROWS, ROW_SHAPE, 6, dtype)
+        gb = _dense_bias_grad(rng, dtype)
+        step([slices, tf.constant(gb)])
+        ref.apply({0: sg, 1: gb})
+        check_against_reference(opt, [emb, bias], ref, [0, 1], err_msg=f"step {t}")

@@ -160,12 +160,19 @@ def first_copies(values, is_first):
     return values * tf.reshape(mask, [-1] + [1] * (values.shape.rank - 1))
 
 
+def _summable(values):
+    """Half-precision gradient rows in float32 (the slots' dtype) before
+    duplicates are added: a float16 sum of two rows rounds to 11 bits."""
+    return tf.cast(values, compute_dtype(values.dtype))
+
+
 def sum_duplicates(indices, values):
     """Sums the rows of an IndexedSlices that name the same index, by sorting.
 
     O(nnz log nnz) and independent of the table size (the lazy path's cost
     must not grow with the table). The result keeps one entry per input entry
-    (static shape, so XLA compiles it), sorted by index.
+    (static shape, so XLA compiles it), sorted by index; half-precision rows
+    are summed, and returned, in float32.
 
     Args:
       indices: int32/int64 vector, may hold duplicates in any order.
@@ -179,6 +186,7 @@ def sum_duplicates(indices, values):
       every repeated entry zeroed, so sums and norms over it see each row
       once.
     """
+    values = _summable(values)
     n = tf.shape(indices)[0]
     order = tf.argsort(indices, stable=True)
     rows = tf.gather(indices, order)
@@ -195,7 +203,8 @@ def sum_duplicates_by_row(indices, values, num_rows):
 
     For callers that are O(num_rows) anyway (the exact step): one index per
     table row records the first entry naming it, which on XLA:CPU costs less
-    than sorting the entries. Entries keep their input order.
+    than sorting the entries. Entries keep their input order; half-precision
+    rows are summed, and returned, in float32.
 
     Returns:
       `once`, aligned with `indices`: at the first entry naming each row, the
@@ -203,6 +212,7 @@ def sum_duplicates_by_row(indices, values, num_rows):
       entries whose index is outside `[0, num_rows)` (the optimizer rejects
       those before this where asserts can run; inside XLA they are dropped).
     """
+    values = _summable(values)
     n = tf.shape(indices, out_type=indices.dtype)[0]
     num_rows = tf.cast(num_rows, indices.dtype)
     position = tf.range(n, dtype=indices.dtype)
@@ -226,7 +236,9 @@ def merge_duplicates(slices):
     value, norms) then see the densified gradient, not each copy.
     """
     rows, _, once = sum_duplicates(slices.indices, slices.values)
-    return tf.IndexedSlices(once, rows, slices.dense_shape)
+    # Keras processes gradients in their variable's dtype.
+    return tf.IndexedSlices(tf.cast(once, slices.values.dtype), rows,
+                            slices.dense_shape)
 
 
 def num_rows(var):
@@ -236,12 +248,13 @@ def num_rows(var):
 
 
 def densify(indices, values, num_rows):
-    """The dense gradient of an IndexedSlices: duplicate rows summed.
+    """The dense gradient of an IndexedSlices: duplicate rows summed (in
+    float32 for half-precision values).
 
     Indices outside `[0, num_rows)` are dropped (XLA's scatter semantics; the
     optimizer validates indices before this where asserts can run).
     """
-    return tf.math.unsorted_segment_sum(values, indices, num_rows)
+    return tf.math.unsorted_segment_sum(_summable(values), indices, num_rows)
 
 
 # Measured on XLA:CPU with 4096 rows of 64 (benchmarks/): materializing the
