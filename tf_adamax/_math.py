@@ -332,20 +332,25 @@ def lazy_rows_step(var, m, u, rows, row_grads, hyper: Hyper):
     _scatter_rows(var, m, u, rows, new_w, new_m, new_u)
 
 
-def sum_rows(indices, values, num_rows, sparse_mode):
+def sum_rows(indices, values, var, sparse_mode):
     """Sums the duplicate rows of an IndexedSlices the way `sparse_mode`'s
     kernel needs them (always before any nonlinearity: |g| and max are not
     linear, |g1| + |g2| != |g1 + g2| for opposite signs).
 
-    Returns `(rows, once, per_entry)`, see `sum_duplicates`. "exact" sums
-    through the table (`sum_duplicates_by_row`: the exact step is O(rows of
-    the table) anyway) and has no `per_entry` (None); "lazy" sorts, so its
-    cost does not depend on the table.
+    Returns `(rows, once, per_entry)` for `rows_step` (see
+    `sum_duplicates`), or, in "exact" mode on a small table
+    (`exact_as_dense`), the dense gradient for `dense_step`. "lazy" sorts, so
+    its cost does not depend on the table; "exact" sums through the table
+    (`sum_duplicates_by_row`: the exact step is O(rows of the table) anyway)
+    and has no `per_entry` (None). Only "exact" needs `var` (its row count).
     """
     if sparse_mode == "lazy":
         rows, per_entry, once = sum_duplicates(indices, values)
         return rows, once, per_entry
-    return indices, sum_duplicates_by_row(indices, values, num_rows), None
+    size = num_rows(var)
+    if exact_as_dense(indices, size):
+        return densify(indices, values, size)
+    return indices, sum_duplicates_by_row(indices, values, size), None
 
 
 def rows_step(var, m, u, rows, once, per_entry, hyper: Hyper, sparse_mode):
@@ -363,13 +368,8 @@ def apply_gradient(var, m, u, grad, hyper: Hyper, sparse_mode):
     adapters).
     """
     if isinstance(grad, tf.IndexedSlices):
-        size = num_rows(var)
-        if sparse_mode == "exact" and exact_as_dense(grad.indices, size):
-            dense_step(var, m, u, densify(grad.indices, grad.values, size),
-                       hyper)
-            return
-        rows, once, per_entry = sum_rows(grad.indices, grad.values, size,
-                                         sparse_mode)
-        rows_step(var, m, u, rows, once, per_entry, hyper, sparse_mode)
+        grad = sum_rows(grad.indices, grad.values, var, sparse_mode)
+    if isinstance(grad, tuple):
+        rows_step(var, m, u, *grad, hyper, sparse_mode)
     else:
         dense_step(var, m, u, grad, hyper)

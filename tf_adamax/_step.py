@@ -73,11 +73,8 @@ def prepare(grad, var=None, sparse_mode="lazy"):
         if var is None:  # for norms only
             return SparseRows(*_math.sum_rows(grad.indices, grad.values,
                                               None, "lazy"))
-        size = _math.num_rows(var)
-        if sparse_mode == "exact" and _math.exact_as_dense(grad.indices, size):
-            return _math.densify(grad.indices, grad.values, size)
-        return SparseRows(*_math.sum_rows(grad.indices, grad.values, size,
-                                          sparse_mode))
+        form = _math.sum_rows(grad.indices, grad.values, var, sparse_mode)
+        return SparseRows(*form) if isinstance(form, tuple) else form
     return grad
 
 
