@@ -190,12 +190,19 @@ def _assert_same_state(rec, actual, expected, exact):
     assert rec[f"{actual}_iterations"] == rec[f"{expected}_iterations"]
 
 
+def _check_restored(mirrored_results, mode, side):
+    """Direction `side` ("a" or "b"): saved after CKPT_STEPS_BEFORE steps,
+    every saved value consumed, restored state bit-identical to the saved."""
+    rec = dh.check_record(mirrored_results[f"ckpt-{mode}"])
+    assert rec[f"{side}_saved_iterations"] == CKPT_STEPS_BEFORE
+    assert rec[f"{side}_restored_consumed"] == "ok", rec[f"{side}_restored_consumed"]
+    _assert_same_state(rec, f"{side}_restored", f"{side}_saved", exact=True)
+    return rec
+
+
 @pytest.mark.parametrize("mode", CKPT_MODES)
 def test_checkpoint_mirrored_to_single_device(mirrored_results, mode):
-    rec = dh.check_record(mirrored_results[f"ckpt-{mode}"])
-    assert rec["a_saved_iterations"] == CKPT_STEPS_BEFORE
-    assert rec["a_restored_consumed"] == "ok", rec["a_restored_consumed"]
-    _assert_same_state(rec, "a_restored", "a_saved", exact=True)
+    rec = _check_restored(mirrored_results, mode, "a")
     _assert_same_state(rec, "a_cont_ref", "a_cont_dist", exact=False)
     assert rec["a_cont_ref_iterations"] == CKPT_STEPS_BEFORE + CKPT_STEPS_AFTER
     for name in dh.VAR_NAMES:  # training went on after the restore
@@ -204,10 +211,7 @@ def test_checkpoint_mirrored_to_single_device(mirrored_results, mode):
 
 @pytest.mark.parametrize("mode", CKPT_MODES)
 def test_checkpoint_single_device_to_mirrored(mirrored_results, mode):
-    rec = dh.check_record(mirrored_results[f"ckpt-{mode}"])
-    assert rec["b_saved_iterations"] == CKPT_STEPS_BEFORE
-    assert rec["b_restored_consumed"] == "ok", rec["b_restored_consumed"]
-    _assert_same_state(rec, "b_restored", "b_saved", exact=True)
+    rec = _check_restored(mirrored_results, mode, "b")
     # Restored into both mirrored copies, not only the primary.
     for name in dh.VAR_NAMES:
         for i in range(NUM_REPLICAS):

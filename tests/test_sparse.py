@@ -32,6 +32,19 @@ def _dense_bias_grad(rng, dtype):
     return rng.standard_normal(ROW_SHAPE).astype(np_dtype(dtype))
 
 
+def _random_step(rng, dtype, setup, t):
+    """One step of `_setup`'s optimizer: random sparse embedding gradients
+    with opposite-sign duplicates and a dense bias gradient, checked against
+    the reference. Returns the gradients it applied."""
+    emb, bias, opt, step, ref = setup
+    slices, sg = random_sparse(rng, ROWS, ROW_SHAPE, 6, dtype)
+    gb = _dense_bias_grad(rng, dtype)
+    step([slices, tf.constant(gb)])
+    ref.apply({0: sg, 1: gb})
+    check_against_reference(opt, [emb, bias], ref, [0, 1], err_msg=f"step {t}")
+    return slices, gb
+
+
 def _slices(indices, values, dtype):
     indices = np.asarray(indices)
     values = np.asarray(values).astype(np_dtype(dtype))
@@ -44,7 +57,8 @@ def _slices(indices, values, dtype):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", SPARSE_DTYPES)
 def test_exact_sparse_equals_densified_gradient(dtype, mode, rng, exact_kernel_kind):
-    emb, bias, opt, step, ref = _setup(rng, dtype, "exact", mode)
+    setup = _setup(rng, dtype, "exact", mode)
+    emb, bias, opt, step, ref = setup
     # The same optimizer path fed tf.convert_to_tensor(slices) (two paths are
     # enough here: every mode is compared with the reference anyway).
     twin = mode in ("eager", "jit")
@@ -53,11 +67,7 @@ def test_exact_sparse_equals_densified_gradient(dtype, mode, rng, exact_kernel_k
         opt_d = make_optimizer(mode, learning_rate=LR)
         step_d = make_step(opt_d, mode, [emb_d, bias_d])
     for t in range(1, 13):
-        slices, sg = random_sparse(rng, ROWS, ROW_SHAPE, 6, dtype)
-        gb = _dense_bias_grad(rng, dtype)
-        step([slices, tf.constant(gb)])
-        ref.apply({0: sg, 1: gb})
-        check_against_reference(opt, [emb, bias], ref, [0, 1], err_msg=f"step {t}")
+        slices, gb = _random_step(rng, dtype, setup, t)
         if not twin:
             continue
         step_d([tf.convert_to_tensor(slices), tf.constant(gb)])
@@ -146,13 +156,9 @@ def test_lazy_sparse_touches_only_named_rows(dtype, mode, rng):
 def test_sparse_gradient_transforms_use_summed_gradient(sparse_mode, kwargs, rng,
                                                          exact_kernel_kind):
     """Clipping sees the densified (duplicates summed) gradient."""
-    emb, bias, opt, step, ref = _setup(rng, "float32", sparse_mode, "jit", **kwargs)
+    setup = _setup(rng, "float32", sparse_mode, "jit", **kwargs)
     for t in range(1, 6):
-        slices, sg = random_sparse(rng, ROWS, ROW_SHAPE, 6, "float32")
-        gb = _dense_bias_grad(rng, "float32")
-        step([slices, tf.constant(gb)])
-        ref.apply({0: sg, 1: gb})
-        check_against_reference(opt, [emb, bias], ref, [0, 1], err_msg=f"step {t}")
+        _random_step(rng, "float32", setup, t)
 
 
 @pytest.mark.parametrize("sparse_mode", ("exact", "lazy"))
@@ -224,10 +230,6 @@ def _lookup_grads(emb, w, ids, y):
 def test_half_precision_sparse_matches_reference(dtype, sparse_mode, rng,
                                                  exact_kernel_kind):
     """Half-precision tables (float32 slots) through every sparse kernel, XLA."""
-    emb, bias, opt, step, ref = _setup(rng, dtype, sparse_mode, "xla")
+    setup = _setup(rng, dtype, sparse_mode, "xla")
     for t in range(1, 6):
-        slices, sg = random_sparse(rng, ROWS, ROW_SHAPE, 6, dtype)
-        gb = _dense_bias_grad(rng, dtype)
-        step([slices, tf.constant(gb)])
-        ref.apply({0: sg, 1: gb})
-        check_against_reference(opt, [emb, bias], ref, [0, 1], err_msg=f"step {t}")
+        _random_step(rng, dtype, setup, t)
