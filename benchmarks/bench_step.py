@@ -103,6 +103,8 @@ class Spec:
         jit-compiling the step themselves) or "reference" (not an optimizer's sparse
         step: the dense step on the same table).
       xla_wrap: wrap the step in tf.function(jit_compile=True) instead of a plain one.
+      densify: a "reference" fed the sparse gradient, densified inside its step
+        (`tf.convert_to_tensor`), instead of the precomputed dense gradient.
     """
 
     key: str
@@ -111,6 +113,11 @@ class Spec:
     kwargs: tuple = ()
     role: str = "candidate"
     xla_wrap: bool = False
+    densify: bool = False
+
+    def grads(self, sparse, dense):
+        """The gradients this competitor's step is given."""
+        return dense if self.role == "reference" and not self.densify else sparse
 
     def build(self):
         return self.make(**dict(self.kwargs))
@@ -150,6 +157,8 @@ SPARSE_SPECS = [
     _core("core_exact", 'tf_adamax.Adamax(sparse_mode="exact")', sparse_mode="exact"),
     Spec("core_dense", "tf_adamax.Adamax(), dense grad of same table", _CORE,
          role="reference"),
+    Spec("core_densify", "tf_adamax.Adamax(), tf.convert_to_tensor(grad) in the step",
+         _CORE, role="reference", densify=True),
     _core("core_lazy_nojit", 'tf_adamax.Adamax(sparse_mode="lazy", jit_compile=False)',
           sparse_mode="lazy", jit_compile=False),
     _core("core_exact_nojit", 'tf_adamax.Adamax(sparse_mode="exact", jit_compile=False)',
@@ -197,12 +206,14 @@ def _build_opt(opt, var_list):
         build(var_list)
 
 
-def _make_step(opt, grads_and_vars, xla_wrap: bool):
-    """One tf.function per competitor: nothing but apply_gradients of held tensors."""
+def _make_step(opt, grads_and_vars, xla_wrap: bool, densify: bool = False):
+    """One tf.function per competitor: nothing but apply_gradients of held tensors
+    (densified first with `densify`)."""
     pairs = list(grads_and_vars)
 
     def step():
-        opt.apply_gradients(pairs)
+        opt.apply_gradients([(tf.convert_to_tensor(g), v) for g, v in pairs]
+                            if densify else pairs)
 
     return tf.function(step, jit_compile=xla_wrap)
 
@@ -331,7 +342,7 @@ def make_optimizer_entry(spec: Spec, var_list, grads, warmup: int) -> Entry:
         return entry
     try:
         _build_opt(opt, var_list)
-        entry.fn = _make_step(opt, zip(grads, var_list), spec.xla_wrap)
+        entry.fn = _make_step(opt, zip(grads, var_list), spec.xla_wrap, spec.densify)
     except Exception as exc:
         entry.status, entry.note = "failed", "build: " + _first_line(exc)
         return entry
@@ -467,7 +478,7 @@ def mem_probe_main(spec_json: str) -> None:
     results = {}
     for key in req["keys"]:
         spec = ALL_SPECS[key]
-        g = tf.convert_to_tensor(grad) if spec.role == "reference" else grad
+        g = spec.grads(grad, tf.convert_to_tensor(grad))
         gc.collect()
         before = meter.current()
         entry = make_optimizer_entry(spec, [var], [g], req["warmup"])
@@ -531,7 +542,7 @@ def _entries_for(specs, var_list, grads, cfg, dense_grads=None) -> list[Entry]:
     for spec in specs:
         if cfg.only and spec.key not in cfg.only:
             continue
-        g = dense_grads if spec.role == "reference" else grads
+        g = spec.grads(grads, dense_grads)
         entries.append(make_optimizer_entry(spec, var_list, g, cfg.warmup))
         _log(f"    built {spec.key:<18} {entries[-1].status}"
              + (f" first call {entries[-1].first_call_s:.2f}s"
@@ -1008,6 +1019,11 @@ def evaluate_targets(case: str, configs: list) -> list:
             r = ex and de and ex["median_ms"] / de["median_ms"]
             add(4, f"sparse exact: <= dense step on the same table (V={v})", r,
                 None if r is None else r <= 1.0)
+            dz = _result(c, "core_densify")
+            r = ex and dz and ex["median_ms"] / dz["median_ms"]
+            if r:
+                add(4, f"(context) sparse exact: <= densify + dense step (V={v})", r,
+                    r <= 1.0)
     elif case == "fit":
         for c in configs:
             kind = c["params"]["model"]
