@@ -8,6 +8,8 @@ Keras, so each test module keeps to its own.
 import os
 
 import numpy as np
+import pytest
+import tensorflow as tf
 
 from reference import AdamaxReference, SparseGrad
 
@@ -83,3 +85,31 @@ def token_regression_data(n=48):
     ids = rng.integers(0, 20, size=(n, 4)).astype("int32")
     y = (ids % 3 == 0).mean(axis=1, keepdims=True).astype("float32")
     return ids, y
+
+
+def check_bad_pairs_change_nothing(make_optimizer, make_variable, sparse_mode,
+                                   graph):
+    """An out-of-range sparse index and a misshapen gradient each raise,
+    naming the variable, before either variable or any slot changes."""
+    table = make_variable(np.ones((4, 2), "float32"), "oob_table")
+    bias = make_variable(np.ones((3,), "float32"), "odd_bias")
+    opt = make_optimizer(sparse_mode)
+    opt.build([table, bias])
+    opt.apply_gradients([(tf.ones((4, 2)), table), (tf.ones((3,)), bias)])
+    before = [np.array(v) for v in [table, bias] + list(opt.variables)]
+
+    def apply(pairs):
+        if graph:
+            return tf.function(lambda: opt.apply_gradients(pairs))()
+        return opt.apply_gradients(pairs)
+
+    out_of_range = tf.IndexedSlices(tf.ones((2, 2)), tf.constant([1, 7]),
+                                    tf.constant([4, 2]))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="oob_table.*out of range"):
+        apply([(out_of_range, table), (tf.ones((3,)), bias)])
+    with pytest.raises(ValueError, match="odd_bias.*shape"):
+        apply([(tf.ones((4, 2)), table), (tf.ones((5,)), bias)])
+    after = [np.array(v) for v in [table, bias] + list(opt.variables)]
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(a, b)

@@ -1,5 +1,7 @@
 """Checkpoints (slot-variable protocol), SavedModel export and get_config round trips."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -160,6 +162,43 @@ def test_module_with_optimizer_exports_saved_model(tmp_path):
         loaded.train_step(ids, y)
     assert_allclose_according_to_type(loaded.w, module.w, "float32")
     assert_allclose_according_to_type(loaded.emb, module.emb, "float32")
+
+
+SAVED_CONFIGS = {
+    "options": dict(learning_rate=0.5, beta_1=0.5, sparse_mode="lazy",
+                    weight_decay=0.1, use_ema=True, ema_overwrite_frequency=3),
+    "keras3_schedule": dict(learning_rate=keras.optimizers.schedules
+                            .ExponentialDecay(0.5, 1, 0.5)),
+    "tensor_beta": dict(beta_1=tf.Variable(0.8), gradient_accumulation_steps=2),
+    "callable_lr": dict(learning_rate=lambda: 0.3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SAVED_CONFIGS))
+def test_saved_model_revives_the_optimizer_config(tmp_path, case):
+    # The loaded optimizer keeps its settings (not the defaults) and goes on
+    # exactly as the saved one.
+    module = tf.Module()
+    module.v = tf.Variable([1.0, 2.0, -1.0])
+    module.opt = tf_adamax.Adamax(**SAVED_CONFIGS[case])
+    module.opt.apply_gradients([(tf.constant([1.0, 1.0, 0.5]), module.v)])
+    tf.saved_model.save(module, str(tmp_path / "saved"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = tf.saved_model.load(str(tmp_path / "saved"))
+    lost = [w for w in caught if "learning-rate callable" in str(w.message)]
+    assert len(lost) == (case == "callable_lr")
+    assert isinstance(loaded.opt, tf_adamax.Adamax)
+    assert loaded.opt._saved_config() == module.opt._saved_config()
+    assert loaded.opt.get_slot_names() == module.opt.get_slot_names()
+    for opt, var in ((module.opt, module.v), (loaded.opt, loaded.v)):
+        for g in ([1.0, -2.0, 0.0], [0.5, 0.5, 3.0], [-1.0, 0.0, 1.0]):
+            opt.apply_gradients([(tf.constant(g), var)])
+    np.testing.assert_array_equal(loaded.v.numpy(), module.v.numpy())
+    for slot in module.opt.get_slot_names():
+        np.testing.assert_array_equal(
+            loaded.opt.get_slot(loaded.v, slot).numpy(),
+            module.opt.get_slot(module.v, slot).numpy())
 
 
 def _config_case(name):

@@ -122,6 +122,67 @@ def test_integer_variable_names_variable(mode):
     np.testing.assert_array_equal(counter.numpy(), [1, 2, 3])
 
 
+def _unknown_shape_step(opt, var, user_jit):
+    """A user's tf.function whose gradient shape is only known at run time."""
+    return tf.function(lambda g: opt.apply_gradients([(g, var)]),
+                       input_signature=[tf.TensorSpec(None, tf.float32)],
+                       jit_compile=user_jit)
+
+
+@pytest.mark.parametrize("opt_jit", (True, False))
+@pytest.mark.parametrize("shape", ((1, 3), (6, 3), (0, 3), (5,)))
+def test_dense_shape_known_at_run_time_is_checked(opt_jit, shape):
+    # A [1, 3] gradient must not broadcast over the [5, 3] variable.
+    a = tf.Variable(tf.zeros((5, 3)), name="weights_a")
+    opt = tf_adamax.Adamax(learning_rate=0.01, jit_compile=opt_jit)
+    opt.build([a])
+    before = snapshot(opt, [a])
+    step = _unknown_shape_step(opt, a, user_jit=False)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=_mentions("weights_a", "shape")):
+        step(tf.ones(shape))
+    assert_same_state(before, snapshot(opt, [a]))
+    step(tf.ones((5, 3)))  # the right shape still works
+    assert int(opt.iterations.numpy()) == 1
+
+
+@pytest.mark.parametrize("shape", ((1, 3), (6, 3)))
+def test_dense_shape_mismatch_inside_user_xla_fails_to_compile(shape):
+    # Asserts do not run inside XLA; the mismatch stops compilation instead.
+    opt, (a, b, emb) = _trained("eager")
+    before = snapshot(opt, [a])
+    step = _unknown_shape_step(opt, a, user_jit=True)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="shape"):
+        step(tf.ones(shape))
+    assert_same_state(before, snapshot(opt, [a]))
+
+
+@pytest.mark.parametrize("values_shape,indices", [((2, 4), [0, 1]),
+                                                  ((2, 3), [0]),
+                                                  ((2, 3), [0, 1, 2])])
+def test_sparse_shape_known_at_run_time_is_checked(values_shape, indices):
+    opt, (a, b, emb) = _trained("eager")
+    before = snapshot(opt, [emb])
+    step = tf.function(
+        lambda values, idx: opt.apply_gradients([(tf.IndexedSlices(
+            values, idx, tf.constant([ROWS, 3], tf.int64)), emb)]),
+        input_signature=[tf.TensorSpec(None, tf.float32),
+                         tf.TensorSpec(None, tf.int64)])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="table_e"):
+        step(tf.ones(values_shape), tf.constant(indices, tf.int64))
+    assert_same_state(before, snapshot(opt, [emb]))
+
+
+def test_static_indices_and_values_length_mismatch_names_variable():
+    opt, (a, b, emb) = _trained("eager")
+    before = snapshot(opt, [a, b, emb])
+    bad = tf.IndexedSlices(tf.ones((3, 3)), tf.constant([0, 1], tf.int64),
+                           tf.constant([ROWS, 3], tf.int64))
+    with pytest.raises(ValueError, match=_mentions("table_e", "indices")):
+        opt.apply_gradients([(bad, emb)])
+    assert_same_state(before, snapshot(opt, [a, b, emb]))
+
+
 OUT_OF_RANGE = "(?i)out of range|out-of-range|outside|not in \\[0"
 
 
@@ -247,3 +308,33 @@ def test_none_gradients_skipped_with_one_warning(mode):
     again = _count_none_warnings(
         lambda: other.apply_gradients([(None, frozen), (tf.ones((4,)), live)]))
     assert len(again) == 1, again
+
+
+def test_failed_step_creates_no_slots_for_a_new_variable():
+    opt, (a, b, emb) = _trained("eager")
+    state = list(opt.variables)
+    fresh = tf.Variable(tf.ones((ROWS, 3)), name="fresh_table")
+    with pytest.raises(tf.errors.InvalidArgumentError, match=OUT_OF_RANGE):
+        opt.apply_gradients([(_slices([ROWS + 3], np.ones((1, 3))), fresh)])
+    assert [id(v) for v in opt.variables] == [id(v) for v in state]
+    with pytest.raises(KeyError):
+        opt.get_slot(fresh, "momentum")
+
+
+def test_new_variable_in_retraced_function_gets_a_clear_error():
+    # TF creates variables only on a tf.function's first trace; a variable
+    # first seen in a later trace needs `build` outside the function.
+    opt = tf_adamax.Adamax(learning_rate=0.1)
+    old = tf.Variable([1.0], name="old_w")
+    new = tf.Variable([2.0], name="unfrozen_w")
+    step = tf.function(
+        lambda vs: opt.apply_gradients([(tf.ones_like(v), v) for v in vs]))
+    step([old])
+    with pytest.raises(ValueError, match=_mentions("unfrozen_w", "build")):
+        step([old, new])
+    assert int(opt.iterations.numpy()) == 1
+    np.testing.assert_array_equal(new.numpy(), [2.0])
+    opt.build([new])
+    step([old, new])
+    assert int(opt.iterations.numpy()) == 2
+    assert new.numpy()[0] < 2.0

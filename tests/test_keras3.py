@@ -23,7 +23,7 @@ import tf_adamax.keras
 from reference import AdamaxReference, SparseGrad
 from keras_cases import (
     BATCH, DIM, EMB_LR, REPO_ROOT, TOKENS, VOCAB, assert_matches_reference,
-    child_env, dense_data, embedding_batches, embedding_init, embedding_reference,
+    check_bad_pairs_change_nothing, child_env, dense_data, embedding_batches, embedding_init, embedding_reference,
     token_regression_data)
 
 Adamax = tf_adamax.keras.Adamax
@@ -215,11 +215,17 @@ def test_keras_builtin_adamax_is_wrong_on_repeated_tokens():
 # ----------------------------------------------------------------------------
 # Sparse gradients through Keras 3's machinery (clipping, accumulation, ...).
 # ----------------------------------------------------------------------------
+def sparse_indices(step):
+    return np.array([1, 4, 1, 1, 3] if step % 2 == 0 else [1, 1, 1, 1, 1],
+                    "int32")
+
+
 def sparse_run(sparse_mode, jit, steps=4, **kwargs):
     """`steps` IndexedSlices updates of a 6x2 table, ours and the reference.
 
-    Row 1 is named three times per step, twice with opposite signs; rows
-    0, 2 and 5 are never named.
+    Row 1 is named three times per step, twice with opposite signs; rows 3
+    and 4 only in every other step (lazy mode must leave them alone in the
+    others); rows 0, 2 and 5 are never named.
     """
     rng = np.random.default_rng(11)
     init = rng.normal(size=(6, 2)).astype("float32")
@@ -241,8 +247,8 @@ def sparse_run(sparse_mode, jit, steps=4, **kwargs):
 
     if jit:
         step = tf.function(step, jit_compile=True)
-    for _ in range(steps):
-        indices = np.array([1, 4, 1, 1, 3], "int32")
+    for k in range(steps):
+        indices = sparse_indices(k)
         values = rng.normal(size=(5, 2)).astype("float32")
         values[2] = -0.7 * values[0]  # opposite-sign duplicates of row 1
         step(tf.constant(values), tf.constant(indices))
@@ -294,8 +300,8 @@ def test_sparse_gradient_accumulation_equals_dense(sparse_mode):
     rng = np.random.default_rng(11)
     var = keras.Variable(rng.normal(size=(6, 2)).astype("float32"))
     opt = Adamax(learning_rate=0.1, gradient_accumulation_steps=3)
-    for _ in range(6):
-        indices = np.array([1, 4, 1, 1, 3], "int32")
+    for k in range(6):
+        indices = sparse_indices(k)
         values = rng.normal(size=(5, 2)).astype("float32")
         values[2] = -0.7 * values[0]
         dense = tf.math.unsorted_segment_sum(values, indices, 6)
@@ -303,6 +309,18 @@ def test_sparse_gradient_accumulation_equals_dense(sparse_mode):
     np.testing.assert_allclose(var_sparse.numpy(), var.numpy(), rtol=1e-6,
                                atol=1e-7)
     assert int(opt.iterations.numpy()) == 2
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "function"])
+@pytest.mark.parametrize("sparse_mode", ["exact", "lazy"])
+def test_bad_gradients_raise_naming_variable_and_change_nothing(sparse_mode,
+                                                                graph):
+    # As keras.optimizers.Adamax raises for out-of-range rows; the adapter's
+    # compiled update would otherwise drop them silently.
+    check_bad_pairs_change_nothing(
+        lambda mode: Adamax(learning_rate=0.1, sparse_mode=mode),
+        lambda value, name: keras.Variable(value, name=name), sparse_mode,
+        graph)
 
 
 # ----------------------------------------------------------------------------

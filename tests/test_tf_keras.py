@@ -28,7 +28,7 @@ import tf_adamax.tf_keras
 from reference import AdamaxReference, SparseGrad
 from keras_cases import (
     BATCH, DIM, EMB_LR, REPO_ROOT, TOKENS, VOCAB, assert_matches_reference,
-    child_env, dense_data, embedding_batches, embedding_init, embedding_reference,
+    check_bad_pairs_change_nothing, child_env, dense_data, embedding_batches, embedding_init, embedding_reference,
     token_regression_data)
 
 Adamax = tf_adamax.tf_keras.Adamax
@@ -204,8 +204,9 @@ def test_tf_keras_builtin_adamax_is_right_on_repeated_tokens():
 def sparse_run(optimizer_class, sparse_mode, jit, steps=3, **kwargs):
     """`steps` IndexedSlices updates of a 6x2 table, and the reference's.
 
-    Row 1 is named three times per step, twice with opposite signs; rows
-    0, 2 and 5 are never named.
+    Row 1 is named three times per step, twice with opposite signs; rows 3
+    and 4 only in every other step (lazy mode must leave them alone in the
+    others); rows 0, 2 and 5 are never named.
     """
     rng = np.random.default_rng(11)
     init = rng.normal(size=(6, 2)).astype("float32")
@@ -228,8 +229,9 @@ def sparse_run(optimizer_class, sparse_mode, jit, steps=3, **kwargs):
 
     if jit:
         step = tf.function(step, jit_compile=True)
-    for _ in range(steps):
-        indices = np.array([1, 4, 1, 1, 3], "int32")
+    for k in range(steps):
+        indices = np.array([1, 4, 1, 1, 3] if k % 2 == 0 else [1, 1, 1, 1, 1],
+                           "int32")
         values = rng.normal(size=(5, 2)).astype("float32")
         values[2] = -0.7 * values[0]  # opposite-sign duplicates of row 1
         step(tf.constant(values), tf.constant(indices))
@@ -269,6 +271,17 @@ def test_tf_keras_builtin_clips_repeated_rows_per_copy():
     var, _, ref = sparse_run(tf_keras.optimizers.Adamax, "exact", False,
                              clipnorm=0.5)
     assert np.abs(var.numpy() - ref.w["table"]).max() > 1e-3
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "function"])
+@pytest.mark.parametrize("sparse_mode", ["exact", "lazy"])
+def test_bad_gradients_raise_naming_variable_and_change_nothing(sparse_mode,
+                                                                graph):
+    # As tf_keras.optimizers.Adamax raises for out-of-range rows; the
+    # adapter's compiled update would otherwise drop them silently.
+    check_bad_pairs_change_nothing(
+        lambda mode: Adamax(learning_rate=0.1, sparse_mode=mode),
+        lambda value, name: tf.Variable(value, name=name), sparse_mode, graph)
 
 
 # ----------------------------------------------------------------------------

@@ -36,13 +36,14 @@ class SlotTable:
         """Creates slot `name` of `var` (zeros) unless it exists; restores
         any checkpoint value parked for it."""
         key = _distribute.var_key(var)
-        table = self._slots.setdefault(key, {})
-        if name in table:
-            return table[name]
+        existing = self._slots.get(key, {}).get(name)
+        if existing is not None:
+            return existing
         base = _distribute.unwrap(var).name.split(":")[0]
         slot = _distribute.create_slot(
             strategy, var, f"{base}/{name}", dtype, var.shape)
-        table[name] = slot
+        # Registered only once created: a failed creation leaves no trace.
+        self._slots.setdefault(key, {})[name] = slot
         self._order.append(slot)
         positions = self._deferred.pop((key, name), [])
         # Newest restore last wins; apply in restore order.

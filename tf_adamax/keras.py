@@ -15,6 +15,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from tf_adamax import _checks
 from tf_adamax import _hyper
 from tf_adamax import _math
 from tf_adamax._untracked import Untracked
@@ -250,6 +251,9 @@ class Adamax(keras.optimizers.Optimizer):
         `extended.update` path is kept (it places each update on every copy
         of a mirrored variable).
         """
+        pairs = [(g, _tf_variable(v)) for g, v in grads_and_vars]
+        for grad, var in pairs:  # a bad pair raises before any update
+            _checks.check_pair(grad, var)
         if tf.distribute.has_strategy():
             return super()._distributed_tf_update_step(
                 distribution, grads_and_vars, learning_rate)
@@ -258,8 +262,12 @@ class Adamax(keras.optimizers.Optimizer):
             self._update_all_fn = Untracked(fn=tf.function(
                 self._update_all, jit_compile=True, reduce_retracing=True))
         grads, variables = zip(*grads_and_vars)
-        self._update_all_fn.fn(list(grads), list(variables),
-                          tf.convert_to_tensor(_tf_variable(learning_rate)))
+        # Out-of-range sparse indices raise here, as with Keras's own
+        # optimizers (inside XLA they would be dropped silently).
+        with tf.control_dependencies(_checks.run_time_checks(pairs)):
+            self._update_all_fn.fn(
+                list(grads), list(variables),
+                tf.convert_to_tensor(_tf_variable(learning_rate)))
 
     def _update_all(self, grads, variables, learning_rate):
         for grad, variable in zip(grads, variables):
@@ -276,6 +284,22 @@ class Adamax(keras.optimizers.Optimizer):
         grads = [self._prepare_sparse(g) if isinstance(g, tf.IndexedSlices)
                  else g for g in grads]
         return super().apply(grads, trainable_variables)
+
+    def _clip_gradients(self, grads):
+        # Keras 3's hook (private) for clipping. Its global-norm clipping
+        # multiplies each gradient by a scale, which turns an IndexedSlices
+        # into a dense table-sized tensor (and lazy updates into dense
+        # ones). Its clipping is applied to the sparse gradients' values
+        # instead: `_prepare_sparse` summed repeated indices, so norms and
+        # elementwise clips over the values equal those of the densified
+        # gradient.
+        sparse = [isinstance(g, tf.IndexedSlices) for g in grads]
+        if not any(sparse):
+            return super()._clip_gradients(grads)
+        clipped = super()._clip_gradients(
+            [g.values if s else g for g, s in zip(grads, sparse)])
+        return [tf.IndexedSlices(c, g.indices, g.dense_shape) if s else c
+                for c, g, s in zip(clipped, grads, sparse)]
 
     def _prepare_sparse(self, grad):
         if (self.clipnorm is not None or self.clipvalue is not None

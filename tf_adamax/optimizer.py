@@ -7,12 +7,16 @@ list of variables); the strategy glue in `_distribute`.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
 
+from google.protobuf import wrappers_pb2
+
 import tensorflow as tf
 
+from tf_adamax import _checks
 from tf_adamax import _distribute
 from tf_adamax import _hyper
 from tf_adamax import _math
@@ -308,15 +312,26 @@ class Adamax(tf.Module):
         """
         var_list = _distribute.expand(var_list)
         for var in var_list:
-            _check_variable(var)
+            _checks.check_variable(var)
         for var in var_list:
             if self._slots.has(var):
                 continue
             _distribute.check_same_strategy(
                 self._strategy, var, _distribute.unwrap(var).name)
         for var in var_list:
-            for name in self.get_slot_names():
-                self.add_slot(var, name)
+            try:
+                for name in self.get_slot_names():
+                    self.add_slot(var, name)
+            except ValueError as e:
+                if not tf.inside_function():
+                    raise
+                raise ValueError(
+                    f"Variable {_name(var)!r} is new to this optimizer, and "
+                    "its slots cannot be created inside a tf.function that "
+                    "was already traced (TensorFlow creates variables only "
+                    "on a function's first call). Call "
+                    "`optimizer.build(new_variables)` outside the function "
+                    "first, or use a new tf.function.") from e
 
     def add_slot(self, var, slot_name):
         """Creates (or returns) slot `slot_name` of `var`.
@@ -367,7 +382,7 @@ class Adamax(tf.Module):
         """
         grads, variables = self._filter(grads_and_vars)
         for g, v in zip(grads, variables):
-            _check_pair(g, v)
+            _checks.check_pair(g, v)
         _distribute.check_not_in_xla_replica()
         for v in variables:
             if not self._slots.has(v):
@@ -398,11 +413,14 @@ class Adamax(tf.Module):
     @tf.autograph.experimental.do_not_convert
     def _apply_cross_replica(self, strategy, grads, variables):
         """Aggregates once, then updates each device's copy in one program."""
+        grads = _distribute.all_reduce(strategy, grads, variables)
+        # Eagerly a failed check raises here, before any slot is created.
+        checks = _checks.run_time_checks(
+            [(_distribute.local(strategy, g)[0], v)
+             for g, v in zip(grads, variables)])
         # Slots are created here: variables can only be created in the
         # cross-replica context.
         self.build(variables)
-        grads = _distribute.all_reduce(strategy, grads, variables)
-        checks = _index_checks(strategy, grads, variables)
         groups, replicated = _distribute.plan(strategy, variables)
         if self._jit_compile and self._config.global_clipnorm is None:
             groups = _distribute.split_for_cores(groups, variables, _cores())
@@ -432,8 +450,9 @@ class Adamax(tf.Module):
                         self._config,
                         [_component_state(strategy, states[i], group)
                          for i in group.positions],
-                        [self._bucketed(_distribute.component(
-                            strategy, grads[i], group), variables[i])
+                        [self._bucketed(_checks.static_shape(_distribute.component(
+                            strategy, grads[i], group), variables[i]),
+                            variables[i])
                          for i in group.positions],
                         [decays[i] for i in group.positions],
                         iteration, lr, global_norm)
@@ -554,11 +573,49 @@ class Adamax(tf.Module):
             config.get("learning_rate", 0.001))
         return cls(**config)
 
+    # SavedModel: the constructor arguments travel as JSON next to the state
+    # variables, which the loader reattaches to the revived object.
+    def _serialize_to_proto(self, object_proto=None, **kwargs):
+        del object_proto, kwargs
+        return wrappers_pb2.StringValue(value=json.dumps(self._saved_config()))
+
+    def _saved_config(self):
+        """`get_config()` with every value JSON-able.
+
+        Tensor hyperparameters are stored as their current values; a
+        learning-rate callable that is not a Keras schedule cannot be saved,
+        so its current value is.
+        """
+        config = {}
+        for key, value in self.get_config().items():
+            if tf.is_tensor(value) or isinstance(value, tf.Variable):
+                value = value.numpy().item()
+            if key == "learning_rate" and callable(value):
+                value = {"tf_adamax_lost_callable": float(
+                    self.learning_rate.numpy())}
+            config[key] = value
+        return config
+
     @classmethod
-    def _deserialize_from_proto(cls, **kwargs):
-        # SavedModel revival: state variables are reattached by the loader.
+    def _deserialize_from_proto(cls, proto=None, **kwargs):
         del kwargs
-        return cls()
+        config = {}
+        if proto is not None and proto.Is(wrappers_pb2.StringValue.DESCRIPTOR):
+            saved = wrappers_pb2.StringValue()
+            proto.Unpack(saved)
+            config = json.loads(saved.value)
+        lr = config.get("learning_rate")
+        if isinstance(lr, dict) and "tf_adamax_lost_callable" in lr:
+            value = lr["tf_adamax_lost_callable"]
+            warnings.warn(
+                "The SavedModel's Adamax had a learning-rate callable, which "
+                f"cannot be saved; the loaded optimizer uses {value}, its "
+                "value when saved. Set `optimizer.learning_rate` to change "
+                "it.", UserWarning, stacklevel=2)
+            # A callable, like the saved optimizer's: no learning-rate
+            # variable, so the saved state matches the revived one.
+            config["learning_rate"] = lambda: value
+        return cls.from_config(config)
 
 
 _private.register_for_saved_model(Adamax)
@@ -581,76 +638,6 @@ def _component_state(strategy, state, group):
 
 def _name(var):
     return _distribute.unwrap(var).name
-
-
-def _check_variable(var):
-    if _private.is_sharded(var):
-        raise TypeError(
-            f"Variable {var.name!r} is a ShardedVariable: pass one gradient "
-            "per shard, e.g. zip(tape.gradient(loss, var.variables), "
-            "var.variables). Its slots are sharded like it.")
-    var = _distribute.unwrap(var)
-    if not hasattr(var, "dtype") or not hasattr(var, "assign"):
-        raise TypeError(
-            f"Expected a tf.Variable to update, got {type(var).__name__}: "
-            f"{var!r}.")
-    if not var.dtype.is_floating:
-        raise TypeError(
-            f"Variable {var.name!r} has dtype {var.dtype.name}; Adamax can "
-            "only update floating-point variables. Make it float32 (or "
-            "exclude it from the variables passed to the optimizer).")
-
-
-def _check_pair(grad, var):
-    """Static checks of one (gradient, variable) pair; raises naming var."""
-    _check_variable(var)
-    name = _name(var)
-    if isinstance(grad, tf.IndexedSlices):
-        values_shape = grad.values.shape
-        if not values_shape[1:].is_compatible_with(var.shape[1:]):
-            raise ValueError(
-                f"IndexedSlices gradient for variable {name!r} has rows of "
-                f"shape {values_shape[1:]}, but the variable's rows have "
-                f"shape {var.shape[1:]}: pass gradients in the same order as "
-                "their variables.")
-        if grad.indices.shape.rank not in (None, 1):
-            raise ValueError(
-                f"IndexedSlices gradient for variable {name!r} has indices "
-                f"of shape {grad.indices.shape}; expected a vector.")
-        values_dtype = grad.values.dtype
-    else:
-        grad = tf.convert_to_tensor(grad) if not tf.is_tensor(grad) else grad
-        if not grad.shape.is_compatible_with(var.shape):
-            raise ValueError(
-                f"Gradient for variable {name!r} has shape {grad.shape}, but "
-                f"the variable has shape {var.shape}: pass gradients in the "
-                "same order as their variables.")
-        values_dtype = grad.dtype
-    if not values_dtype.is_floating:
-        raise TypeError(
-            f"Gradient for variable {name!r} has dtype {values_dtype.name}; "
-            "expected a floating-point gradient.")
-
-
-def _index_checks(strategy, grads, variables):
-    """Assert ops: every sparse index lies in [0, rows of its variable).
-
-    Raise eagerly and in graphs before any state changes. Inside a user's
-    XLA-compiled function asserts cannot run; there an out-of-range row is
-    dropped by the scatters (never clamped onto another row).
-    """
-    checks = []
-    for g, v in zip(grads, variables):
-        g = _distribute.local(strategy, g)[0]
-        if not isinstance(g, tf.IndexedSlices):
-            continue
-        rows = tf.cast(_math.num_rows(_distribute.unwrap(v)), g.indices.dtype)
-        ok = tf.reduce_all((g.indices >= 0) & (g.indices < rows))
-        checks.append(tf.debugging.Assert(ok, [
-            f"IndexedSlices gradient for variable {_name(v)!r} has indices "
-            "out of range [0, rows):", rows, "indices:", g.indices],
-            summarize=20))
-    return checks
 
 
 def _cores():

@@ -15,6 +15,7 @@ import os
 import tensorflow as tf
 import tf_keras
 
+from tf_adamax import _checks
 from tf_adamax import _hyper
 from tf_adamax import _math
 from tf_adamax._untracked import Untracked
@@ -213,6 +214,9 @@ class Adamax(tf_keras.optimizers.Optimizer):
         together here; otherwise tf-keras's own path runs (under a strategy
         it places each update on every copy of a mirrored variable).
         """
+        grads_and_vars = list(grads_and_vars)
+        for grad, var in grads_and_vars:  # a bad pair raises before updates
+            _checks.check_pair(grad, var)
         if not self._jit_all or self.use_ema or tf.distribute.has_strategy():
             return super()._distributed_apply_gradients_fn(
                 distribution, grads_and_vars, **kwargs)
@@ -220,7 +224,10 @@ class Adamax(tf_keras.optimizers.Optimizer):
             self._update_all_fn = Untracked(fn=tf.function(
                 self._update_all, jit_compile=True, reduce_retracing=True))
         grads, variables = zip(*grads_and_vars)
-        self._update_all_fn.fn(list(grads), list(variables))
+        # Out-of-range sparse indices raise here, as with tf-keras's own
+        # optimizers (inside XLA they would be dropped silently).
+        with tf.control_dependencies(_checks.run_time_checks(grads_and_vars)):
+            self._update_all_fn.fn(list(grads), list(variables))
         # With no pairs left, tf-keras only increments `iterations` (ordered
         # after the update's read of it by TF's automatic control deps).
         return super()._distributed_apply_gradients_fn(distribution, [],

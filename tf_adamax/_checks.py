@@ -1,0 +1,156 @@
+"""Validation of (gradient, variable) pairs, shared by every entry point.
+
+Static checks raise `TypeError`/`ValueError` naming the variable while
+tracing; what is only known at run time (sparse indices, dynamic shapes)
+becomes assert ops that the caller makes its update depend on. Either way a
+bad pair fails before any state changes.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from tf_adamax import _distribute
+from tf_adamax import _math
+from tf_adamax import _private
+
+
+def _name(var):
+    return _distribute.unwrap(var).name
+
+
+def check_variable(var):
+    """Raises TypeError, naming it, for what is not a float tf.Variable."""
+    if _private.is_sharded(var):
+        raise TypeError(
+            f"Variable {var.name!r} is a ShardedVariable: pass one gradient "
+            "per shard, e.g. zip(tape.gradient(loss, var.variables), "
+            "var.variables). Its slots are sharded like it.")
+    var = _distribute.unwrap(var)
+    if not hasattr(var, "dtype") or not hasattr(var, "assign"):
+        raise TypeError(
+            f"Expected a tf.Variable to update, got {type(var).__name__}: "
+            f"{var!r}.")
+    if not var.dtype.is_floating:
+        raise TypeError(
+            f"Variable {var.name!r} has dtype {var.dtype.name}; Adamax can "
+            "only update floating-point variables. Make it float32 (or "
+            "exclude it from the variables passed to the optimizer).")
+
+
+def check_pair(grad, var):
+    """Static checks of one (gradient, variable) pair; raises naming var."""
+    check_variable(var)
+    name = _name(var)
+    if isinstance(grad, tf.IndexedSlices):
+        values_shape = grad.values.shape
+        if not values_shape[1:].is_compatible_with(var.shape[1:]):
+            raise ValueError(
+                f"IndexedSlices gradient for variable {name!r} has rows of "
+                f"shape {values_shape[1:]}, but the variable's rows have "
+                f"shape {var.shape[1:]}: pass gradients in the same order as "
+                "their variables.")
+        if grad.indices.shape.rank not in (None, 1):
+            raise ValueError(
+                f"IndexedSlices gradient for variable {name!r} has indices "
+                f"of shape {grad.indices.shape}; expected a vector.")
+        if not grad.indices.shape[:1].is_compatible_with(values_shape[:1]):
+            raise ValueError(
+                f"IndexedSlices gradient for variable {name!r} has "
+                f"{grad.indices.shape[0]} indices but {values_shape[0]} rows "
+                "of values; expected one index per row.")
+        values_dtype = grad.values.dtype
+    else:
+        grad = tf.convert_to_tensor(grad) if not tf.is_tensor(grad) else grad
+        if not grad.shape.is_compatible_with(var.shape):
+            raise ValueError(
+                f"Gradient for variable {name!r} has shape {grad.shape}, but "
+                f"the variable has shape {var.shape}: pass gradients in the "
+                "same order as their variables.")
+        values_dtype = grad.dtype
+    if not values_dtype.is_floating:
+        raise TypeError(
+            f"Gradient for variable {name!r} has dtype {values_dtype.name}; "
+            "expected a floating-point gradient.")
+
+
+def run_time_checks(grads_and_vars):
+    """Assert ops for what static shapes cannot tell: every sparse index lies
+    in [0, rows of its variable), and gradient shapes known only at run time
+    match their variable's.
+
+    Callers make the update (and the step counter) depend on them, so they
+    raise, eagerly and in graphs, before any state changes. Inside a user's
+    XLA-compiled function asserts cannot run; there an out-of-range row is
+    dropped by the scatters (never clamped onto another row), and shapes are
+    static when XLA compiles (`static_shape`).
+    """
+    checks = []
+    for g, v in grads_and_vars:
+        checks += _shape_checks(g, v)
+        if not isinstance(g, tf.IndexedSlices):
+            continue
+        rows = tf.cast(_math.num_rows(_distribute.unwrap(v)), g.indices.dtype)
+        ok = tf.reduce_all((g.indices >= 0) & (g.indices < rows))
+        checks.append(tf.debugging.Assert(ok, [
+            f"IndexedSlices gradient for variable {_name(v)!r} has indices "
+            "out of range [0, rows):", rows, "indices:", g.indices],
+            summarize=20))
+    return checks
+
+
+def _shape_checks(grad, var):
+    """Asserts for the parts of a gradient's shape unknown when tracing."""
+    if isinstance(grad, tf.IndexedSlices):
+        checks = []
+        if not (grad.values.shape[:1].is_fully_defined()
+                and grad.indices.shape.is_fully_defined()):
+            checks.append(tf.debugging.Assert(
+                tf.equal(tf.shape(grad.indices)[0], tf.shape(grad.values)[0]),
+                [f"IndexedSlices gradient for variable {_name(var)!r} has "
+                 "a different number of indices and rows of values:",
+                 tf.shape(grad.indices), tf.shape(grad.values)]))
+        if not grad.values.shape[1:].is_fully_defined():
+            checks.append(_assert_shape(
+                tf.shape(grad.values)[1:], var.shape[1:],
+                f"IndexedSlices gradient for variable {_name(var)!r} has "
+                "rows of the wrong shape; expected"))
+        return checks
+    if not tf.is_tensor(grad) or grad.shape.is_fully_defined():
+        return []
+    return [_assert_shape(
+        tf.shape(grad), var.shape,
+        f"Gradient for variable {_name(var)!r} has the wrong shape (pass "
+        "gradients in the same order as their variables); expected")]
+
+
+def _assert_shape(actual, expected, message):
+    """Asserts that the shape vector `actual` fits the static `expected`."""
+    if expected.rank is None:
+        return tf.no_op()
+    rank = expected.rank
+    # Padded, so a gradient of lower rank is compared without an index error.
+    padded = tf.concat([actual, tf.fill([rank], -1)], 0)
+    ok = [tf.equal(tf.size(actual), rank)] + [
+        tf.equal(padded[i], d) for i, d in enumerate(expected.as_list())
+        if d is not None]
+    return tf.debugging.Assert(tf.reduce_all(tf.stack(ok)), [
+        message, str(expected), "got", actual])
+
+
+def static_shape(grad, var):
+    """Inside a user's XLA function, a dense gradient with its variable's
+    static shape.
+
+    Asserts do not run there, but shapes are static when XLA compiles:
+    `ensure_shape` then fails compilation instead of letting a [1, n]
+    gradient broadcast over a [k, n] variable. Elsewhere the asserts of
+    `run_time_checks` run first and name the variable (an `ensure_shape`
+    in a graph may be evaluated before them).
+    """
+    if (not tf.is_tensor(grad) or isinstance(grad, tf.IndexedSlices)
+            or grad.shape.is_fully_defined()
+            or not var.shape.is_fully_defined()
+            or not _private.in_xla_context()):
+        return grad
+    return tf.ensure_shape(grad, var.shape)
