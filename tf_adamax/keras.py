@@ -251,12 +251,12 @@ class Adamax(keras.optimizers.Optimizer):
         `extended.update` path is kept (it places each update on every copy
         of a mirrored variable).
         """
-        pairs = [(g, _tf_variable(v)) for g, v in grads_and_vars]
-        for grad, var in pairs:  # a bad pair raises before any update
-            _checks.check_pair(grad, var)
         if tf.distribute.has_strategy():
             return super()._distributed_tf_update_step(
                 distribution, grads_and_vars, learning_rate)
+        pairs = [(g, _tf_variable(v)) for g, v in grads_and_vars]
+        for grad, var in pairs:  # a bad pair raises before any update
+            _checks.check_pair(grad, var)
         if self._update_all_fn is None:
             # Kept out of Keras's attribute tracking (and SavedModel).
             self._update_all_fn = Untracked(fn=tf.function(
