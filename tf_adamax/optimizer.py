@@ -450,9 +450,9 @@ class Adamax(tf.Module):
                         self._config,
                         [_component_state(strategy, states[i], group)
                          for i in group.positions],
-                        [self._bucketed(_checks.static_shape(_distribute.component(
-                            strategy, grads[i], group), variables[i]),
-                            variables[i])
+                        [self._bucketed(_checks.static_shape(
+                            _distribute.component(strategy, grads[i], group),
+                            variables[i]), variables[i])
                          for i in group.positions],
                         [decays[i] for i in group.positions],
                         iteration, lr, global_norm)
@@ -539,10 +539,13 @@ class Adamax(tf.Module):
     def get_config(self):
         """Constructor arguments; schedules serialize via Keras when they
         can."""
+        return self._config_with(self._lr_config())
+
+    def _config_with(self, learning_rate):
         c = self._config
         return {
             "name": self.name,
-            "learning_rate": self._lr_config(),
+            "learning_rate": learning_rate,
             "beta_1": _plain(c.beta_1),
             "beta_2": _plain(c.beta_2),
             "epsilon": _plain(c.epsilon),
@@ -580,20 +583,26 @@ class Adamax(tf.Module):
         return wrappers_pb2.StringValue(value=json.dumps(self._saved_config()))
 
     def _saved_config(self):
-        """`get_config()` with every value JSON-able.
+        """`get_config()` with every value JSON-able, plus the learning rate
+        at saving time.
 
-        Tensor hyperparameters are stored as their current values; a
-        learning-rate callable that is not a Keras schedule cannot be saved,
-        so its current value is.
+        Tensor hyperparameters are stored as their current values. A
+        learning-rate callable that is not a Keras schedule (or a schedule
+        Keras cannot serialize) cannot be saved: the revived optimizer uses
+        the rate's value at saving time instead.
         """
+        try:
+            learning_rate = self._lr_config()
+        except ValueError:  # a schedule Keras cannot serialize
+            learning_rate = None
+        if learning_rate is None or callable(learning_rate):
+            learning_rate = _LOST
         config = {}
-        for key, value in self.get_config().items():
+        for key, value in self._config_with(learning_rate).items():
             if tf.is_tensor(value) or isinstance(value, tf.Variable):
                 value = value.numpy().item()
-            if key == "learning_rate" and callable(value):
-                value = {"tf_adamax_lost_callable": float(
-                    self.learning_rate.numpy())}
             config[key] = value
+        config[_LR_NOW] = float(self.learning_rate.numpy())
         return config
 
     @classmethod
@@ -604,18 +613,28 @@ class Adamax(tf.Module):
             saved = wrappers_pb2.StringValue()
             proto.Unpack(saved)
             config = json.loads(saved.value)
-        lr = config.get("learning_rate")
-        if isinstance(lr, dict) and "tf_adamax_lost_callable" in lr:
-            value = lr["tf_adamax_lost_callable"]
-            warnings.warn(
-                "The SavedModel's Adamax had a learning-rate callable, which "
-                f"cannot be saved; the loaded optimizer uses {value}, its "
-                "value when saved. Set `optimizer.learning_rate` to change "
-                "it.", UserWarning, stacklevel=2)
-            # A callable, like the saved optimizer's: no learning-rate
-            # variable, so the saved state matches the revived one.
-            config["learning_rate"] = lambda: value
+        lr_now = config.pop(_LR_NOW, None)
+        if config.get("learning_rate") == _LOST:
+            reason = "it was not a serializable Keras schedule"
+        else:
+            try:
+                return cls.from_config(config)
+            except (ValueError, TypeError, ImportError) as e:
+                reason = f"{type(e).__name__}: {e}"
+        warnings.warn(
+            "The SavedModel's Adamax learning rate cannot be restored ("
+            f"{reason}); the loaded optimizer uses {lr_now}, its value when "
+            "saved. Set `optimizer.learning_rate` to change it.",
+            UserWarning, stacklevel=2)
+        # A callable, like the saved optimizer's: no learning-rate variable,
+        # so the saved state matches the revived one.
+        config["learning_rate"] = lambda: lr_now
         return cls.from_config(config)
+
+
+# Keys of the SavedModel config (`Adamax._saved_config`).
+_LOST = "tf_adamax: learning rate not saved"
+_LR_NOW = "tf_adamax_learning_rate_when_saved"
 
 
 _private.register_for_saved_model(Adamax)
