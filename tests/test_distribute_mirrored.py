@@ -66,6 +66,10 @@ def child_mirrored(configs, num_steps, ckpt_modes, ckpt_dir):
         except Exception:  # noqa: BLE001 - reported by the owning test
             rec = dh.error_record()
         results[dh.config_name(cfg)] = rec
+    try:
+        results["cross-replica"] = child_cross_replica(tf, strategy)
+    except Exception:  # noqa: BLE001
+        results["cross-replica"] = dh.error_record()
     for mode in ckpt_modes:
         try:
             with dh.timed(f"ckpt-{mode}"):
@@ -73,6 +77,35 @@ def child_mirrored(configs, num_steps, ckpt_modes, ckpt_dir):
         except Exception:  # noqa: BLE001
             results[f"ckpt-{mode}"] = dh.error_record()
     return results
+
+
+def child_cross_replica(tf, strategy):
+    """apply_gradients on mirrored variables outside `strategy.run`, outside and
+    inside the scope, for both jit settings: the error and whether state changed."""
+    import tf_adamax
+
+    out = {}
+    for jit in (True, False):
+        with strategy.scope():
+            var = tf.Variable([1.0, 2.0], name="mirrored_w")
+            opt = tf_adamax.Adamax(0.1, jit_compile=jit)
+            opt.build([var])
+        for where in ("outside_scope", "in_scope"):
+            try:
+                if where == "in_scope":
+                    with strategy.scope():
+                        opt.apply_gradients([(tf.constant([1.0, 1.0]), var)])
+                else:
+                    opt.apply_gradients([(tf.constant([1.0, 1.0]), var)])
+                error = None
+            except Exception as e:  # noqa: BLE001 - recorded for the test
+                error = f"{type(e).__name__}: {e}"
+            out[f"jit={jit}/{where}"] = {
+                "error": error,
+                "iterations": int(opt.iterations.numpy()),
+                "values": [v.numpy().tolist()
+                           for v in strategy.experimental_local_results(var)]}
+    return out
 
 
 def _restore(tf, trainer, path, rec, prefix):
@@ -226,3 +259,15 @@ def test_checkpoint_single_device_to_mirrored(mirrored_results, mode):
     for name in dh.VAR_NAMES:
         np.testing.assert_array_equal(rec[f"b_cont_dist_local0/{name}"],
                                       rec[f"b_cont_dist_local1/{name}"])
+
+
+def test_apply_gradients_outside_strategy_run_is_a_clear_error(mirrored_results):
+    # Was: an XLA cross-device error (jit_compile=True), an IndexError from TF (in
+    # the scope), or an update of one gradient with no replicas to sum (jit off).
+    rec = dh.check_record(mirrored_results["cross-replica"])
+    for case, got in rec.items():
+        assert got["error"] is not None, case
+        assert got["error"].startswith("RuntimeError"), (case, got["error"])
+        assert "mirrored_w" in got["error"] and "strategy.run" in got["error"], case
+        assert got["iterations"] == 0, case
+        assert got["values"] == [[1.0, 2.0], [1.0, 2.0]], case

@@ -73,10 +73,51 @@ def child_ps(configs, num_steps):
                 trainer.record(results[name])
         except Exception:  # noqa: BLE001
             results[name] = dh.error_record()
+    try:
+        results["checkpoint"] = _checkpoint_round_trip(tf, strategy)
+    except Exception:  # noqa: BLE001 - reported by the owning test
+        results["checkpoint"] = dh.error_record()
     # Servers and trainers must outlive this function: the child exits with os._exit
     # right after saving the results, without tearing the cluster down.
     _KEEP_ALIVE.extend([servers, trainers])
     return results
+
+
+def _checkpoint_round_trip(tf, strategy):
+    """Saves a sharded table with distinct slot values per shard and restores it into
+    a fresh sharded table and optimizer, built before and after the restore."""
+    import tempfile
+
+    import tf_adamax
+
+    def make(build):
+        with strategy.scope():
+            var = tf.Variable(tf.reshape(tf.range(8.0), [4, 2]), name="ckpt_emb")
+            opt = tf_adamax.Adamax(0.1)
+            if build:
+                opt.build([var])
+        return var, opt
+
+    def state(var, opt):
+        return {"iterations": int(opt.iterations.numpy()),
+                "var": [s.numpy().tolist() for s in var.variables],
+                **{slot: [opt.get_slot(s, slot).numpy().tolist() for s in var.variables]
+                   for slot in ("momentum", "norm")}}
+
+    var, opt = make(build=True)
+    for i, shard in enumerate(var.variables):
+        opt.get_slot(shard, "momentum").assign(tf.fill(shard.shape, 1.0 + i))
+        opt.get_slot(shard, "norm").assign(tf.fill(shard.shape, 5.0 + i))
+    opt.iterations.assign(7)
+    path = tf.train.Checkpoint(opt=opt, emb=var).write(
+        os.path.join(tempfile.mkdtemp(), "ckpt"))
+    out = {"saved": state(var, opt)}
+    for build in (True, False):
+        fresh_var, fresh_opt = make(build)
+        fresh_var.assign(tf.zeros([4, 2]))
+        tf.train.Checkpoint(opt=fresh_opt, emb=fresh_var).read(path).assert_consumed()
+        out["build_first" if build else "restore_first"] = state(fresh_var, fresh_opt)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +156,12 @@ def test_parameter_server_matches_sequential_reference(ps_results, cfg):
             assert np.any((untouched >= lo) & (untouched < hi)), (lo, hi)
             assert np.any((np.asarray(rec["gathered_rows"]) >= lo)
                           & (np.asarray(rec["gathered_rows"]) < hi)), (lo, hi)
+
+
+@pytest.mark.parametrize("order", ["build_first", "restore_first"])
+def test_sharded_checkpoint_restores_into_sharded_variables(ps_results, order):
+    # A sharded variable's slots are saved as sharded values; restoring them into a
+    # fresh sharded table used to fail (AttributeError), before or after build.
+    rec = dh.check_record(ps_results["checkpoint"])
+    assert rec[order] == rec["saved"]
+    assert rec["saved"]["momentum"] == [[[1.0, 1.0]] * 2, [[2.0, 2.0]] * 2]

@@ -76,6 +76,27 @@ def check_not_in_xla_replica():
             "device.")
 
 
+def check_replica_context(variables, names):
+    """Raises a clear error for mirrored variables updated outside
+    `strategy.run`.
+
+    Their gradients are per replica: inside `strategy.run` each replica
+    passes its own and they are summed once. Outside it a single gradient
+    has no replicas to be summed with (TF's own optimizers refuse too).
+    """
+    if in_replica_context():
+        return
+    for var, name in zip(variables, names):
+        var = unwrap(var)
+        if (isinstance(var, tf.distribute.DistributedValues)
+                and len(var.values) > 1):
+            raise RuntimeError(
+                f"Variable {name!r} is mirrored on {len(var.values)} devices: "
+                "call apply_gradients (or minimize) inside `strategy.run(...)`"
+                ", where every replica passes its own gradients and they are "
+                "summed once, not in the cross-replica context.")
+
+
 def in_replica_context():
     """True inside `strategy.run` of a real (non-default) strategy."""
     return (tf.distribute.has_strategy()

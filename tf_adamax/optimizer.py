@@ -151,6 +151,7 @@ class Adamax(tf.Module):
             warned_none=False,
             exclude_ids=set(),
             exclude_names=(),
+            sharded_slots={},  # (shard keys, slot name) -> ShardedVariable
         )
         self._iterations = _distribute.create_state(
             self._strategy, 0, "iteration", tf.int64)
@@ -265,10 +266,17 @@ class Adamax(tf.Module):
                 f"Unknown slot {slot_name!r}; this optimizer has slots "
                 f"{self.get_slot_names()}.")
         if _private.is_sharded(var):
-            # Slots are sharded like their variable: one per shard.
-            return _private.make_sharded(
-                [self.get_slot(shard, slot_name) for shard in var.variables],
-                name=f"{var.name}/{slot_name}")
+            # Slots are sharded like their variable: one per shard. The view
+            # is made once, so checkpoints bind the same object every time.
+            key = (tuple(_distribute.var_key(s) for s in var.variables),
+                   slot_name)
+            view = self._fns.sharded_slots.get(key)
+            if view is None:
+                view = self._fns.sharded_slots[key] = _private.make_sharded(
+                    [self.get_slot(shard, slot_name)
+                     for shard in var.variables],
+                    name=f"{var.name}/{slot_name}")
+            return view
         slot = self._slots.get(var, slot_name)
         if slot is None:
             raise KeyError(
@@ -286,6 +294,13 @@ class Adamax(tf.Module):
         so restoring before the first step works.
         """
         del slot_variable_shape  # slots always have their variable's shape
+        if _private.is_sharded(variable):
+            # A sharded variable's slot is saved as one sharded value, which
+            # only a sharded view can take back (it splits the value over the
+            # shards, re-sharding if needed). A deferred restore could not
+            # be matched to the per-shard slots, so the slots are made now.
+            self.build(variable.variables)
+            return self.get_slot(variable, slot_name)
         slot = self._slots.get(variable, slot_name)
         if slot is None:
             self._slots.defer(variable, slot_name, slot_variable_position)
@@ -383,6 +398,8 @@ class Adamax(tf.Module):
         grads, variables = self._filter(grads_and_vars)
         for g, v in zip(grads, variables):
             _checks.check_pair(g, v)
+        _distribute.check_replica_context(variables,
+                                          [_name(v) for v in variables])
         _distribute.check_not_in_xla_replica()
         for v in variables:
             if not self._slots.has(v):
