@@ -179,12 +179,12 @@ def sum_duplicates(indices, values):
       values: tensor whose first dimension matches `indices`.
 
     Returns:
-      `(rows, per_entry, once)`: the sorted indices; `per_entry[i]`, the sum
-      of all input rows naming `rows[i]` (entries that repeat an index repeat
-      the same sum, so an update computed per entry is the same for every
-      copy and a scatter of it is well defined); and `once`, `per_entry` with
-      every repeated entry zeroed, so sums and norms over it see each row
-      once.
+      `(rows, once, run_start)`: the sorted indices; `once[i]`, at the first
+      entry of each run of equal indices the sum of all input rows naming
+      `rows[i]`, and zero at the run's other entries (so sums and norms over
+      it see each row once); and `run_start[i]`, the position of the first
+      entry of `i`'s run, so `tf.gather(once, run_start)` repeats each row's
+      sum at every copy (`per_entry`).
     """
     values = _summable(values)
     n = tf.shape(indices)[0]
@@ -194,8 +194,16 @@ def sum_duplicates(indices, values):
     segment_ids = tf.cumsum(tf.cast(is_first, tf.int32)) - 1
     sums = tf.math.unsorted_segment_sum(tf.gather(values, order),
                                         segment_ids, n)
-    per_entry = tf.gather(sums, segment_ids)
-    return rows, per_entry, first_copies(per_entry, is_first)
+    starts = tf.math.unsorted_segment_min(tf.range(n), segment_ids, n)
+    return (rows, first_copies(tf.gather(sums, segment_ids), is_first),
+            tf.gather(starts, segment_ids))
+
+
+def per_entry(once, run_start):
+    """Each entry's full row sum, repeated at every copy of a row: an update
+    computed per entry is then the same for every copy, and a scatter of it
+    is well defined."""
+    return tf.gather(once, run_start)
 
 
 def sum_duplicates_by_row(indices, values, num_rows):
@@ -235,7 +243,7 @@ def merge_duplicates(slices):
     zero rows (static shape, for XLA). Row-wise transforms (clipping by
     value, norms) then see the densified gradient, not each copy.
     """
-    rows, _, once = sum_duplicates(slices.indices, slices.values)
+    rows, once, _ = sum_duplicates(slices.indices, slices.values)
     # Keras processes gradients in their variable's dtype.
     return tf.IndexedSlices(tf.cast(once, slices.values.dtype), rows,
                             slices.dense_shape)
@@ -337,26 +345,25 @@ def sum_rows(indices, values, var, sparse_mode):
     kernel needs them (always before any nonlinearity: |g| and max are not
     linear, |g1| + |g2| != |g1 + g2| for opposite signs).
 
-    Returns `(rows, once, per_entry)` for `rows_step` (see
+    Returns `(rows, once, run_start)` for `rows_step` (see
     `sum_duplicates`), or, in "exact" mode on a small table
     (`exact_as_dense`), the dense gradient for `dense_step`. "lazy" sorts, so
     its cost does not depend on the table; "exact" sums through the table
     (`sum_duplicates_by_row`: the exact step is O(rows of the table) anyway)
-    and has no `per_entry` (None). Only "exact" needs `var` (its row count).
+    and needs no `run_start` (None). Only "exact" needs `var` (its row count).
     """
     if sparse_mode == "lazy":
-        rows, per_entry, once = sum_duplicates(indices, values)
-        return rows, once, per_entry
+        return sum_duplicates(indices, values)
     size = num_rows(var)
     if exact_as_dense(indices, size):
         return densify(indices, values, size)
     return indices, sum_duplicates_by_row(indices, values, size), None
 
 
-def rows_step(var, m, u, rows, once, per_entry, hyper: Hyper, sparse_mode):
+def rows_step(var, m, u, rows, once, run_start, hyper: Hyper, sparse_mode):
     """The `sparse_mode` kernel on rows summed by `sum_rows`."""
     if sparse_mode == "lazy":
-        lazy_rows_step(var, m, u, rows, per_entry, hyper)
+        lazy_rows_step(var, m, u, rows, per_entry(once, run_start), hyper)
     else:
         exact_rows_step(var, m, u, rows, once, hyper)
 

@@ -51,13 +51,13 @@ class SparseRows(typing.NamedTuple):
 
     `rows` may repeat; `once[i]` is the summed gradient of row `rows[i]` at
     one entry per distinct row and zero at the others, so sums and norms over
-    it see each row once. `per_entry[i]` (lazy mode only, else None) is the
-    summed gradient of `rows[i]` at every entry.
+    it see each row once. `run_start` (lazy mode only, else None) maps each
+    entry to the one holding its row's sum (`_math.per_entry`).
     """
 
     rows: tf.Tensor
     once: tf.Tensor
-    per_entry: typing.Optional[tf.Tensor]
+    run_start: typing.Optional[tf.Tensor]
 
 
 def prepare(grad, var=None, sparse_mode="lazy"):
@@ -80,9 +80,7 @@ def prepare(grad, var=None, sparse_mode="lazy"):
 
 def _map(grad, fn):
     if isinstance(grad, SparseRows):
-        return grad._replace(
-            once=fn(grad.once),
-            per_entry=None if grad.per_entry is None else fn(grad.per_entry))
+        return grad._replace(once=fn(grad.once))
     return fn(grad)
 
 
@@ -169,7 +167,7 @@ def _update(config, states, grads, decays, step, learning_rate):
         )
         if isinstance(grad, SparseRows):
             _math.rows_step(state.var, state.momentum, state.norm, grad.rows,
-                            grad.once, grad.per_entry, hyper,
+                            grad.once, grad.run_start, hyper,
                             config.sparse_mode)
         else:
             _math.dense_step(state.var, state.momentum, state.norm, grad,
