@@ -87,13 +87,19 @@ def token_regression_data(n=48):
     return ids, y
 
 
-def check_bad_pairs_change_nothing(make_optimizer, make_variable, sparse_mode,
+BAD_PAIR_CASES = pytest.mark.parametrize(
+    "sparse_mode,graph",
+    [(mode, graph) for mode in ("exact", "lazy") for graph in (False, True)],
+    ids=lambda v: {False: "eager", True: "function"}.get(v, v))
+
+
+def check_bad_pairs_change_nothing(optimizer_class, variable_class, sparse_mode,
                                    graph):
     """An out-of-range sparse index and a misshapen gradient each raise,
     naming the variable, before either variable or any slot changes."""
-    table = make_variable(np.ones((4, 2), "float32"), "oob_table")
-    bias = make_variable(np.ones((3,), "float32"), "odd_bias")
-    opt = make_optimizer(sparse_mode)
+    table = variable_class(np.ones((4, 2), "float32"), name="oob_table")
+    bias = variable_class(np.ones((3,), "float32"), name="odd_bias")
+    opt = optimizer_class(learning_rate=0.1, sparse_mode=sparse_mode)
     opt.build([table, bias])
     opt.apply_gradients([(tf.ones((4, 2)), table), (tf.ones((3,)), bias)])
     before = [np.array(v) for v in [table, bias] + list(opt.variables)]

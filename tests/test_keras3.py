@@ -22,9 +22,9 @@ import tensorflow as tf
 import tf_adamax.keras
 from reference import AdamaxReference, SparseGrad
 from keras_cases import (
-    BATCH, DIM, EMB_LR, REPO_ROOT, TOKENS, VOCAB, assert_matches_reference,
-    check_bad_pairs_change_nothing, child_env, dense_data, embedding_batches, embedding_init, embedding_reference,
-    token_regression_data)
+    BAD_PAIR_CASES, BATCH, DIM, EMB_LR, REPO_ROOT, TOKENS, VOCAB,
+    assert_matches_reference, check_bad_pairs_change_nothing, child_env, dense_data,
+    embedding_batches, embedding_init, embedding_reference, token_regression_data)
 
 Adamax = tf_adamax.keras.Adamax
 
@@ -311,16 +311,12 @@ def test_sparse_gradient_accumulation_equals_dense(sparse_mode):
     assert int(opt.iterations.numpy()) == 2
 
 
-@pytest.mark.parametrize("graph", [False, True], ids=["eager", "function"])
-@pytest.mark.parametrize("sparse_mode", ["exact", "lazy"])
+@BAD_PAIR_CASES
 def test_bad_gradients_raise_naming_variable_and_change_nothing(sparse_mode,
                                                                 graph):
     # As keras.optimizers.Adamax raises for out-of-range rows; the adapter's
     # compiled update would otherwise drop them silently.
-    check_bad_pairs_change_nothing(
-        lambda mode: Adamax(learning_rate=0.1, sparse_mode=mode),
-        lambda value, name: keras.Variable(value, name=name), sparse_mode,
-        graph)
+    check_bad_pairs_change_nothing(Adamax, keras.Variable, sparse_mode, graph)
 
 
 # ----------------------------------------------------------------------------

@@ -27,9 +27,9 @@ import tf_keras
 import tf_adamax.tf_keras
 from reference import AdamaxReference, SparseGrad
 from keras_cases import (
-    BATCH, DIM, EMB_LR, REPO_ROOT, TOKENS, VOCAB, assert_matches_reference,
-    check_bad_pairs_change_nothing, child_env, dense_data, embedding_batches, embedding_init, embedding_reference,
-    token_regression_data)
+    BAD_PAIR_CASES, BATCH, DIM, EMB_LR, REPO_ROOT, TOKENS, VOCAB,
+    assert_matches_reference, check_bad_pairs_change_nothing, child_env, dense_data,
+    embedding_batches, embedding_init, embedding_reference, token_regression_data)
 
 Adamax = tf_adamax.tf_keras.Adamax
 
@@ -273,15 +273,12 @@ def test_tf_keras_builtin_clips_repeated_rows_per_copy():
     assert np.abs(var.numpy() - ref.w["table"]).max() > 1e-3
 
 
-@pytest.mark.parametrize("graph", [False, True], ids=["eager", "function"])
-@pytest.mark.parametrize("sparse_mode", ["exact", "lazy"])
+@BAD_PAIR_CASES
 def test_bad_gradients_raise_naming_variable_and_change_nothing(sparse_mode,
                                                                 graph):
     # As tf_keras.optimizers.Adamax raises for out-of-range rows; the
     # adapter's compiled update would otherwise drop them silently.
-    check_bad_pairs_change_nothing(
-        lambda mode: Adamax(learning_rate=0.1, sparse_mode=mode),
-        lambda value, name: tf.Variable(value, name=name), sparse_mode, graph)
+    check_bad_pairs_change_nothing(Adamax, tf.Variable, sparse_mode, graph)
 
 
 # ----------------------------------------------------------------------------

@@ -215,12 +215,11 @@ class Adamax(tf_keras.optimizers.Optimizer):
         it places each update on every copy of a mirrored variable).
         """
         grads_and_vars = list(grads_and_vars)
-        if tf.distribute.has_strategy():  # per-replica values: tf-keras's path
-            return super()._distributed_apply_gradients_fn(
-                distribution, grads_and_vars, **kwargs)
-        for grad, var in grads_and_vars:  # a bad pair raises before updates
-            _checks.check_pair(grad, var)
-        if not self._jit_all or self.use_ema:
+        strategy = tf.distribute.has_strategy()  # per-replica values then
+        if not strategy:
+            for grad, var in grads_and_vars:  # raises before any update
+                _checks.check_pair(grad, var)
+        if strategy or not self._jit_all or self.use_ema:
             return super()._distributed_apply_gradients_fn(
                 distribution, grads_and_vars, **kwargs)
         if self._update_all_fn is None:
