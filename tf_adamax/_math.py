@@ -154,12 +154,6 @@ def _first_of_runs(sorted_indices):
                       sorted_indices[1:] != sorted_indices[:-1]], axis=0)
 
 
-def first_copies(values, is_first):
-    """`values` with every entry not marked in `is_first` zeroed."""
-    mask = tf.cast(is_first, values.dtype)
-    return values * tf.reshape(mask, [-1] + [1] * (values.shape.rank - 1))
-
-
 def _summable(values):
     """Half-precision gradient rows in float32 (the slots' dtype) before
     duplicates are added: a float16 sum of two rows rounds to 11 bits."""
@@ -188,15 +182,30 @@ def sum_duplicates(indices, values):
     """
     values = _summable(values)
     n = tf.shape(indices)[0]
-    order = tf.argsort(indices, stable=True)
-    rows = tf.gather(indices, order)
+    rows, order = _sort_with_positions(indices)
     is_first = _first_of_runs(rows)
     segment_ids = tf.cumsum(tf.cast(is_first, tf.int32)) - 1
-    sums = tf.math.unsorted_segment_sum(tf.gather(values, order),
-                                        segment_ids, n)
-    starts = tf.math.unsorted_segment_min(tf.range(n), segment_ids, n)
-    return (rows, first_copies(tf.gather(sums, segment_ids), is_first),
-            tf.gather(starts, segment_ids))
+    position = tf.range(n)
+    run_start = tf.gather(
+        tf.math.unsorted_segment_min(position, segment_ids, n), segment_ids)
+    # Each input row is added straight into its run's first (sorted) entry:
+    # the values are never permuted, and the other entries stay zero.
+    target = tf.scatter_nd(order[:, None], run_start, [n])
+    return rows, tf.math.unsorted_segment_sum(values, target, n), run_start
+
+
+def _sort_with_positions(indices):
+    """`indices` sorted, and the input position of each sorted entry.
+
+    Sorts one int64 key, `index * n + position`: unique, so the order is
+    stable, and on XLA:CPU a one-operand sort costs about 3/4 of argsort's
+    key-value sort (4096 entries, benchmarks/). Any index a table can have
+    (below 2**63 / n) fits; negative ones keep their order (floor division).
+    """
+    n = tf.shape(indices, out_type=tf.int64)[0]
+    key = tf.sort(tf.cast(indices, tf.int64) * n + tf.range(n))
+    return (tf.cast(tf.math.floordiv(key, n), indices.dtype),
+            tf.cast(tf.math.floormod(key, n), tf.int32))
 
 
 def per_entry(once, run_start):
