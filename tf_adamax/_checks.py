@@ -99,6 +99,21 @@ def run_time_checks(grads_and_vars):
     return checks
 
 
+def checked(strategy, grads_and_vars):
+    """`check_pair` for every pair, then their `run_time_checks`.
+
+    For the Keras adapters' hooks, which get the aggregated gradients in the
+    cross-replica context: under a strategy a gradient holds one value per
+    device, and the first is checked (they have one shape). Without a
+    strategy `strategy` is the default one and each gradient is its value.
+    """
+    pairs = [(_distribute.local(strategy, g)[0], v)
+             for g, v in grads_and_vars]
+    for grad, var in pairs:  # a bad pair raises before any update
+        check_pair(grad, var)
+    return run_time_checks(pairs)
+
+
 def _shape_checks(grad, var):
     """Asserts for the parts of a gradient's shape unknown when tracing."""
     if isinstance(grad, tf.IndexedSlices):

@@ -251,20 +251,21 @@ class Adamax(keras.optimizers.Optimizer):
         `extended.update` path is kept (it places each update on every copy
         of a mirrored variable).
         """
+        # Bad pairs raise before any update; out-of-range sparse indices
+        # raise as with Keras's own optimizers (inside XLA they would be
+        # dropped silently).
+        checks = _checks.checked(
+            distribution, [(g, _tf_variable(v)) for g, v in grads_and_vars])
         if tf.distribute.has_strategy():
-            return super()._distributed_tf_update_step(
-                distribution, grads_and_vars, learning_rate)
-        pairs = [(g, _tf_variable(v)) for g, v in grads_and_vars]
-        for grad, var in pairs:  # a bad pair raises before any update
-            _checks.check_pair(grad, var)
+            with tf.control_dependencies(checks):
+                return super()._distributed_tf_update_step(
+                    distribution, grads_and_vars, learning_rate)
         if self._update_all_fn is None:
             # Kept out of Keras's attribute tracking (and SavedModel).
             self._update_all_fn = Untracked(fn=tf.function(
                 self._update_all, jit_compile=True, reduce_retracing=True))
         grads, variables = zip(*grads_and_vars)
-        # Out-of-range sparse indices raise here, as with Keras's own
-        # optimizers (inside XLA they would be dropped silently).
-        with tf.control_dependencies(_checks.run_time_checks(pairs)):
+        with tf.control_dependencies(checks):
             self._update_all_fn.fn(
                 list(grads), list(variables),
                 tf.convert_to_tensor(_tf_variable(learning_rate)))

@@ -215,20 +215,20 @@ class Adamax(tf_keras.optimizers.Optimizer):
         it places each update on every copy of a mirrored variable).
         """
         grads_and_vars = list(grads_and_vars)
-        strategy = tf.distribute.has_strategy()  # per-replica values then
-        if not strategy:
-            for grad, var in grads_and_vars:  # raises before any update
-                _checks.check_pair(grad, var)
-        if strategy or not self._jit_all or self.use_ema:
-            return super()._distributed_apply_gradients_fn(
-                distribution, grads_and_vars, **kwargs)
+        # Bad pairs raise before any update; out-of-range sparse indices
+        # raise as with tf-keras's own optimizers (inside XLA they would be
+        # dropped silently).
+        checks = _checks.checked(distribution, grads_and_vars)
+        if (tf.distribute.has_strategy() or not self._jit_all
+                or self.use_ema):
+            with tf.control_dependencies(checks):
+                return super()._distributed_apply_gradients_fn(
+                    distribution, grads_and_vars, **kwargs)
         if self._update_all_fn is None:
             self._update_all_fn = Untracked(fn=tf.function(
                 self._update_all, jit_compile=True, reduce_retracing=True))
         grads, variables = zip(*grads_and_vars)
-        # Out-of-range sparse indices raise here, as with tf-keras's own
-        # optimizers (inside XLA they would be dropped silently).
-        with tf.control_dependencies(_checks.run_time_checks(grads_and_vars)):
+        with tf.control_dependencies(checks):
             self._update_all_fn.fn(list(grads), list(variables))
         # With no pairs left, tf-keras only increments `iterations` (ordered
         # after the update's read of it by TF's automatic control deps).

@@ -1,0 +1,172 @@
+"""The Keras adapters under OneDevice, CentralStorage and Mirrored strategies.
+
+Under a strategy the adapters hand the update to Keras's own per-variable
+path (it places each update on every copy of a mirrored variable). Bad pairs
+must still raise, naming the variable, before anything changes, as they do
+without a strategy; and good steps must equal the NumPy reference fed the
+summed gradient. Everything runs in ONE fresh child with two logical CPUs.
+"""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+import dist_helpers as dh  # noqa: E402
+from reference import AdamaxReference, SparseGrad  # noqa: E402
+
+STRATEGIES = ("one_device", "central_storage", "mirrored")
+LIBS = ("keras3", "tf_keras")
+GRAPH = (False, True)
+BAD_CASES = ("broadcast", "row_width", "out_of_range")
+LR = 0.1
+TABLE0 = np.arange(8, dtype=np.float32).reshape(4, 2) / 8
+BIAS0 = np.ones(3, np.float32)
+# Two steps; the sparse one repeats row 1 with opposite signs.
+STEP_GRADS = [
+    ("dense", np.array([[0.5, -1.0], [2.0, 0.25], [-0.5, 0.0], [1.0, 3.0]],
+                       np.float32)),
+    ("sparse", (np.array([1, 3, 1]),
+                np.array([[1.0, -2.0], [0.5, 0.5], [-3.0, 1.0]], np.float32))),
+]
+BIAS_GRAD = np.array([0.5, -0.25, 1.0], np.float32)
+
+
+def _make_strategy(tf, name):
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy("/cpu:0"), 1
+    if name == "central_storage":
+        return tf.distribute.experimental.CentralStorageStrategy(
+            ["/cpu:0", "/cpu:1"]), 2
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), 2
+
+
+def child_adapters(strategies, libs, bad_cases):
+    tf = dh.import_tf(logical_cpus=2)
+    import keras
+    import tf_adamax.keras
+    import tf_adamax.tf_keras
+
+    adapters = {
+        "keras3": (tf_adamax.keras.Adamax, keras.Variable),
+        "tf_keras": (tf_adamax.tf_keras.Adamax, tf.Variable),
+    }
+
+    def bad_grad(case):
+        if case == "broadcast":  # [1, 2] would broadcast over the [4, 2] table
+            return tf.ones((1, 2))
+        if case == "row_width":
+            return tf.IndexedSlices(tf.ones((2, 3)), tf.constant([0, 1]),
+                                    tf.constant([4, 3]))
+        return tf.IndexedSlices(tf.ones((2, 2)), tf.constant([1, 7]),
+                                tf.constant([4, 2]))
+
+    def values(opt, table, bias):
+        return [np.array(v) for v in [table, bias] + list(opt.variables)]
+
+    results = {}
+    for sname in strategies:
+        strategy, replicas = _make_strategy(tf, sname)
+        for lib in libs:
+            opt_class, var_class = adapters[lib]
+            for graph in GRAPH:
+                for mode in ("exact", "lazy"):
+                    with strategy.scope():
+                        table = var_class(TABLE0, name="st_table")
+                        bias = var_class(BIAS0, name="st_bias")
+                        opt = opt_class(learning_rate=LR, sparse_mode=mode)
+                        opt.build([table, bias])
+
+                    def run(make_pairs):
+                        def step():
+                            opt.apply_gradients(make_pairs())
+                        fn = lambda: strategy.run(step)  # noqa: E731
+                        if graph:
+                            fn = tf.function(fn)
+                        fn()
+
+                    key = f"{sname}-{lib}-{'function' if graph else 'eager'}"
+                    rec = {"replicas": replicas}
+                    # Good steps first: the reference is fed the summed
+                    # gradient (every replica computes the same one).
+                    for i, (kind, g) in enumerate(STEP_GRADS):
+                        if kind == "dense":
+                            make = lambda g=g: [  # noqa: E731
+                                (tf.constant(g), table),
+                                (tf.constant(BIAS_GRAD), bias)]
+                        else:
+                            make = lambda g=g: [  # noqa: E731
+                                (tf.IndexedSlices(tf.constant(g[1]),
+                                                  tf.constant(g[0]),
+                                                  tf.constant([4, 2])), table),
+                                (tf.constant(BIAS_GRAD), bias)]
+                        run(make)
+                    rec["table"] = np.array(table)
+                    rec["bias"] = np.array(bias)
+                    before = values(opt, table, bias)
+                    for case in bad_cases:
+                        try:
+                            run(lambda case=case: [
+                                (tf.constant(BIAS_GRAD), bias),
+                                (bad_grad(case), table)])
+                            rec[f"{case}:error"] = ""
+                        except Exception as e:  # noqa: BLE001 - recorded
+                            rec[f"{case}:error"] = f"{type(e).__name__}: {e}"
+                        after = values(opt, table, bias)
+                        rec[f"{case}:unchanged"] = all(
+                            np.array_equal(a, b) for a, b in zip(before, after))
+                    results[f"{key}-{mode}"] = rec
+    return results
+
+
+@pytest.fixture(scope="module")
+def adapter_results(tmp_path_factory):
+    return dh.run_child(
+        f"{__name__}:child_adapters",
+        dict(strategies=list(STRATEGIES), libs=list(LIBS),
+             bad_cases=list(BAD_CASES)),
+        tmp_path_factory.mktemp("adapter_strategies"), 300)
+
+
+def _reference(sparse_mode, replicas):
+    ref = AdamaxReference(learning_rate=LR, sparse_mode=sparse_mode)
+    ref.add_variable("table", TABLE0, np.float32)
+    ref.add_variable("bias", BIAS0, np.float32)
+    for kind, g in STEP_GRADS:
+        table_grad = (g * replicas if kind == "dense"
+                      else SparseGrad(np.tile(g[0], replicas),
+                                      np.tile(g[1], (replicas, 1))))
+        ref.apply({"table": table_grad, "bias": BIAS_GRAD * replicas})
+    return ref
+
+
+CASES = [(s, lib, g, mode) for s in STRATEGIES for lib in LIBS
+         for g in ("eager", "function") for mode in ("exact", "lazy")]
+
+
+@pytest.mark.parametrize("strategy,lib,graph,sparse_mode", CASES)
+def test_adapter_under_strategy_matches_reference(adapter_results, strategy,
+                                                  lib, graph, sparse_mode):
+    rec = adapter_results[f"{strategy}-{lib}-{graph}-{sparse_mode}"]
+    ref = _reference(sparse_mode, rec["replicas"])
+    np.testing.assert_allclose(rec["table"], ref.w["table"], rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(rec["bias"], ref.w["bias"], rtol=1e-5,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy,lib,graph,sparse_mode", CASES)
+def test_adapter_under_strategy_rejects_bad_pairs_and_changes_nothing(
+        adapter_results, strategy, lib, graph, sparse_mode):
+    rec = adapter_results[f"{strategy}-{lib}-{graph}-{sparse_mode}"]
+    for case in BAD_CASES:
+        error = rec[f"{case}:error"]
+        assert "st_table" in error, (case, error)
+        expected = "out of range" if case == "out_of_range" else "shape"
+        assert expected in error, (case, error)
+        assert rec[f"{case}:unchanged"], (case, error)
