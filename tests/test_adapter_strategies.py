@@ -22,7 +22,6 @@ from reference import AdamaxReference, SparseGrad  # noqa: E402
 
 STRATEGIES = ("one_device", "central_storage", "mirrored")
 LIBS = ("keras3", "tf_keras")
-GRAPH = (False, True)
 BAD_CASES = ("broadcast", "row_width", "out_of_range")
 LR = 0.1
 TABLE0 = np.arange(8, dtype=np.float32).reshape(4, 2) / 8
@@ -35,6 +34,21 @@ STEP_GRADS = [
                 np.array([[1.0, -2.0], [0.5, 0.5], [-3.0, 1.0]], np.float32))),
 ]
 BIAS_GRAD = np.array([0.5, -0.25, 1.0], np.float32)
+# Replica r adds r * OTHER_* to its gradients: the replicas' gradients point
+# in different directions, so clipping each before the sum would show.
+OTHER_DENSE = np.array([[-1.0, 0.5], [0.0, 2.0], [1.5, -1.0], [0.25, 0.0]],
+                       np.float32)
+OTHER_ROWS = np.array([[0.0, 1.5], [-2.0, 0.0], [1.0, 1.0]], np.float32)
+OTHER_BIAS = np.array([-1.0, 0.75, 0.0], np.float32)
+# Clipping must apply to the gradient summed over replicas (Keras 3 alone
+# clips each replica's share; every replica here feeds the same gradient).
+CLIPS = {"none": {}, "clipnorm": {"clipnorm": 1.0},
+         "global_clipnorm": {"global_clipnorm": 1.5},
+         "clipvalue": {"clipvalue": 0.8}}
+RUNS = [(graph, mode, "none") for graph in (False, True)
+        for mode in ("exact", "lazy")]
+RUNS += [(True, mode, clip) for mode in ("exact", "lazy")
+         for clip in CLIPS if clip != "none"]
 
 
 def _make_strategy(tf, name):
@@ -74,53 +88,59 @@ def child_adapters(strategies, libs, bad_cases):
         strategy, replicas = _make_strategy(tf, sname)
         for lib in libs:
             opt_class, var_class = adapters[lib]
-            for graph in GRAPH:
-                for mode in ("exact", "lazy"):
-                    with strategy.scope():
-                        table = var_class(TABLE0, name="st_table")
-                        bias = var_class(BIAS0, name="st_bias")
-                        opt = opt_class(learning_rate=LR, sparse_mode=mode)
-                        opt.build([table, bias])
+            for graph, mode, clip in RUNS:
+                with strategy.scope():
+                    table = var_class(TABLE0, name="st_table")
+                    bias = var_class(BIAS0, name="st_bias")
+                    opt = opt_class(learning_rate=LR, sparse_mode=mode,
+                                    **dict(CLIPS[clip]))
+                    opt.build([table, bias])
 
-                    def run(make_pairs):
-                        def step():
-                            opt.apply_gradients(make_pairs())
-                        fn = lambda: strategy.run(step)  # noqa: E731
-                        if graph:
-                            fn = tf.function(fn)
-                        fn()
+                def run(make_pairs):
+                    def step():
+                        replica = tf.distribute.get_replica_context()
+                        opt.apply_gradients(make_pairs(tf.cast(
+                            replica.replica_id_in_sync_group, tf.float32)))
+                    fn = lambda: strategy.run(step)  # noqa: E731
+                    if graph:
+                        fn = tf.function(fn)
+                    fn()
 
-                    key = f"{sname}-{lib}-{'function' if graph else 'eager'}"
-                    rec = {"replicas": replicas}
-                    # Good steps first: the reference is fed the summed
-                    # gradient (every replica computes the same one).
-                    for i, (kind, g) in enumerate(STEP_GRADS):
-                        if kind == "dense":
-                            make = lambda g=g: [  # noqa: E731
-                                (tf.constant(g), table),
-                                (tf.constant(BIAS_GRAD), bias)]
-                        else:
-                            make = lambda g=g: [  # noqa: E731
-                                (tf.IndexedSlices(tf.constant(g[1]),
-                                                  tf.constant(g[0]),
-                                                  tf.constant([4, 2])), table),
-                                (tf.constant(BIAS_GRAD), bias)]
-                        run(make)
-                    rec["table"] = np.array(table)
-                    rec["bias"] = np.array(bias)
-                    before = values(opt, table, bias)
-                    for case in bad_cases:
-                        try:
-                            run(lambda case=case: [
-                                (tf.constant(BIAS_GRAD), bias),
-                                (bad_grad(case), table)])
-                            rec[f"{case}:error"] = ""
-                        except Exception as e:  # noqa: BLE001 - recorded
-                            rec[f"{case}:error"] = f"{type(e).__name__}: {e}"
-                        after = values(opt, table, bias)
-                        rec[f"{case}:unchanged"] = all(
-                            np.array_equal(a, b) for a, b in zip(before, after))
-                    results[f"{key}-{mode}"] = rec
+                key = f"{sname}-{lib}-{'function' if graph else 'eager'}-{mode}"
+                if clip != "none":
+                    key += f"-{clip}"
+                rec = {"replicas": replicas}
+                # Good steps first: the reference is fed the gradient
+                # summed over replicas.
+                for kind, g in STEP_GRADS:
+                    if kind == "dense":
+                        make = lambda r, g=g: [  # noqa: E731
+                            (g + r * OTHER_DENSE, table),
+                            (BIAS_GRAD + r * OTHER_BIAS, bias)]
+                    else:
+                        make = lambda r, g=g: [  # noqa: E731
+                            (tf.IndexedSlices(g[1] + r * OTHER_ROWS,
+                                              tf.constant(g[0]),
+                                              tf.constant([4, 2])), table),
+                            (BIAS_GRAD + r * OTHER_BIAS, bias)]
+                    run(make)
+                rec["table"] = np.array(table)
+                rec["bias"] = np.array(bias)
+                results[key] = rec
+                if clip != "none":
+                    continue
+                before = values(opt, table, bias)
+                for case in bad_cases:
+                    try:
+                        run(lambda r, case=case: [
+                            (tf.constant(BIAS_GRAD), bias),
+                            (bad_grad(case), table)])
+                        rec[f"{case}:error"] = ""
+                    except Exception as e:  # noqa: BLE001 - recorded
+                        rec[f"{case}:error"] = f"{type(e).__name__}: {e}"
+                    after = values(opt, table, bias)
+                    rec[f"{case}:unchanged"] = all(
+                        np.array_equal(a, b) for a, b in zip(before, after))
     return results
 
 
@@ -133,27 +153,37 @@ def adapter_results(tmp_path_factory):
         tmp_path_factory.mktemp("adapter_strategies"), 300)
 
 
-def _reference(sparse_mode, replicas):
-    ref = AdamaxReference(learning_rate=LR, sparse_mode=sparse_mode)
+def _reference(sparse_mode, replicas, clip="none"):
+    ref = AdamaxReference(learning_rate=LR, sparse_mode=sparse_mode,
+                          **CLIPS[clip])
     ref.add_variable("table", TABLE0, np.float32)
     ref.add_variable("bias", BIAS0, np.float32)
     for kind, g in STEP_GRADS:
-        table_grad = (g * replicas if kind == "dense"
-                      else SparseGrad(np.tile(g[0], replicas),
-                                      np.tile(g[1], (replicas, 1))))
-        ref.apply({"table": table_grad, "bias": BIAS_GRAD * replicas})
+        if kind == "dense":
+            table_grad = sum(g + r * OTHER_DENSE for r in range(replicas))
+        else:
+            table_grad = SparseGrad(
+                np.tile(g[0], replicas),
+                np.concatenate([g[1] + r * OTHER_ROWS
+                                for r in range(replicas)]))
+        ref.apply({"table": table_grad,
+                   "bias": sum(BIAS_GRAD + r * OTHER_BIAS
+                               for r in range(replicas))})
     return ref
 
 
 CASES = [(s, lib, g, mode) for s in STRATEGIES for lib in LIBS
          for g in ("eager", "function") for mode in ("exact", "lazy")]
+CLIP_CASES = [(s, lib, "function", f"{mode}-{clip}") for s in STRATEGIES
+              for lib in LIBS for _, mode, clip in RUNS if clip != "none"]
 
 
-@pytest.mark.parametrize("strategy,lib,graph,sparse_mode", CASES)
+@pytest.mark.parametrize("strategy,lib,graph,sparse_mode", CASES + CLIP_CASES)
 def test_adapter_under_strategy_matches_reference(adapter_results, strategy,
                                                   lib, graph, sparse_mode):
     rec = adapter_results[f"{strategy}-{lib}-{graph}-{sparse_mode}"]
-    ref = _reference(sparse_mode, rec["replicas"])
+    mode, _, clip = sparse_mode.partition("-")
+    ref = _reference(mode, rec["replicas"], clip or "none")
     np.testing.assert_allclose(rec["table"], ref.w["table"], rtol=1e-5,
                                atol=1e-6)
     np.testing.assert_allclose(rec["bias"], ref.w["bias"], rtol=1e-5,

@@ -286,7 +286,43 @@ class Adamax(keras.optimizers.Optimizer):
                  else g for g in grads]
         return super().apply(grads, trainable_variables)
 
+    def _clips(self):
+        return any(x is not None and x > 0 for x in (
+            self.clipnorm, self.clipvalue, self.global_clipnorm))
+
+    def _sums_before_clipping(self):
+        """In a replica context of a strategy, with clipping: Keras 3 clips
+        each replica's gradients and then sums them, so a replica's share
+        is clipped instead of the summed gradient (its built-in optimizers
+        too). Here the gradients are summed over replicas first, as tf-keras
+        and the core do, and Keras's own sum is skipped."""
+        return (self._clips() and tf.distribute.has_strategy()
+                and tf.distribute.get_replica_context() is not None)
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        # Keras 3's hook (private): the sum over replicas before the update.
+        if self._sums_before_clipping():  # already summed, before clipping
+            return list(grads_and_vars)
+        return super()._all_reduce_sum_gradients(grads_and_vars)
+
+    def _sum_over_replicas(self, grads):
+        present = [g for g in grads if g is not None]
+        summed = iter(tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, present) if present else [])
+        # The replicas' rows of one token are summed again (clipping must
+        # see the densified gradient).
+        return [None if g is None else self._merged(next(summed))
+                for g in grads]
+
+    @staticmethod
+    def _merged(grad):
+        if isinstance(grad, tf.IndexedSlices):
+            return _math.merge_duplicates(grad)
+        return grad
+
     def _clip_gradients(self, grads):
+        if self._sums_before_clipping():
+            grads = self._sum_over_replicas(grads)
         # Keras 3's hook (private) for clipping. Its global-norm clipping
         # multiplies each gradient by a scale, which turns an IndexedSlices
         # into a dense table-sized tensor (and lazy updates into dense
@@ -303,8 +339,7 @@ class Adamax(keras.optimizers.Optimizer):
                 for c, g, s in zip(clipped, grads, sparse)]
 
     def _prepare_sparse(self, grad):
-        if (self.clipnorm is not None or self.clipvalue is not None
-                or self.global_clipnorm is not None):
+        if self._clips():
             grad = _math.merge_duplicates(grad)
         if self.loss_scale_factor is not None:
             grad = _DivisibleSlices(grad.values, grad.indices, grad.dense_shape)
