@@ -510,11 +510,12 @@ def build():
         keras.layers.Dense(1),
     ])
 
-def train(strategy, sparse_mode):
+def train(strategy, sparse_mode, **options):
     with strategy.scope():
         model = build()
         model.compile(optimizer=tf_adamax.keras.Adamax(
-            0.02, sparse_mode=sparse_mode), loss="mse", jit_compile=False)
+            0.02, sparse_mode=sparse_mode, **options), loss="mse",
+            jit_compile=False)
     model.fit(ids, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
     return [w.numpy() for w in model.weights]
 
@@ -526,6 +527,19 @@ for mode in ("exact", "lazy"):
     single = train(tf.distribute.get_strategy(), mode)
     out[mode] = max(float(np.abs(a - b).max()) for a, b in zip(mirrored, single))
     out[mode + "_moved"] = float(np.abs(mirrored[0] - build().weights[0].numpy()).max())
+# Clipping applies to the gradient summed over replicas (Keras 3's built-in
+# clips each replica's share), also under mixed precision's loss scaling.
+for name, options in (("clipnorm", {"clipnorm": 0.05}),
+                      ("global_clipnorm", {"global_clipnorm": 0.05})):
+    for policy in ("float32", "mixed_float16"):
+        keras.mixed_precision.set_global_policy(policy)
+        mirrored = train(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]),
+                         "lazy", **options)
+        single = train(tf.distribute.get_strategy(), "lazy", **options)
+        out[f"{name}-{policy}"] = max(
+            float(np.abs(a.astype("float64") - b.astype("float64")).max())
+            for a, b in zip(mirrored, single))
+keras.mixed_precision.set_global_policy("float32")
 print("RESULT " + json.dumps(out))
 """
 
@@ -547,6 +561,14 @@ def test_mirrored_strategy_matches_single_device(mirrored_result):
     for mode in ("exact", "lazy"):
         assert mirrored_result[mode + "_moved"] > 1e-3
         assert mirrored_result[mode] < 1e-5, mirrored_result
+
+
+@pytest.mark.parametrize("clip", ["clipnorm", "global_clipnorm"])
+@pytest.mark.parametrize("policy,tol", [("float32", 1e-5),
+                                        ("mixed_float16", 1e-3)])
+def test_mirrored_fit_clips_the_summed_gradient(mirrored_result, clip, policy,
+                                                tol):
+    assert mirrored_result[f"{clip}-{policy}"] < tol, mirrored_result
 
 
 def test_importing_the_keras3_adapter_does_not_import_tf_keras(
