@@ -58,8 +58,9 @@ def current_strategy():
 def check_not_in_xla_replica():
     """Raises a clear error for `apply_gradients` inside an XLA replica fn.
 
-    One XLA program runs on one device, so it cannot update the copies of a
-    mirrored variable on several devices.
+    One XLA program runs on one device, so it can neither sum the replicas'
+    gradients nor update variables held on other devices (the copies of a
+    mirrored variable, or CentralStorage's variables on their one device).
     """
     if not in_replica_context():
         return
@@ -69,7 +70,8 @@ def check_not_in_xla_replica():
             "apply_gradients was called inside a tf.function(jit_compile=True)"
             f" running in a replica context of {type(strategy).__name__} "
             f"({strategy.num_replicas_in_sync} replicas). One XLA program "
-            "cannot update the copies of a variable on several devices. "
+            "runs on one device: it cannot sum the replicas' gradients or "
+            "update variables held on other devices. "
             "Compile only the forward/backward pass with jit_compile=True and "
             "call apply_gradients outside it (still inside strategy.run): "
             "tf_adamax compiles the update itself with XLA, one program per "
