@@ -277,13 +277,12 @@ class Adamax(keras.optimizers.Optimizer):
     def apply(self, grads, trainable_variables=None):
         """Applies gradients (see `keras.optimizers.Optimizer.apply`).
 
-        Sparse gradients are prepared for Keras 3's processing: with
-        clipping, repeated indices are summed first so each token is clipped
-        once, as in the densified gradient (the update sums them in any
-        case); with `loss_scale_factor`, they are made divisible.
+        With `loss_scale_factor`, sparse gradients are made divisible for
+        Keras 3's unscaling.
         """
-        grads = [self._prepare_sparse(g) if isinstance(g, tf.IndexedSlices)
-                 else g for g in grads]
+        if self.loss_scale_factor is not None:
+            grads = [_DivisibleSlices(g.values, g.indices, g.dense_shape)
+                     if isinstance(g, tf.IndexedSlices) else g for g in grads]
         return super().apply(grads, trainable_variables)
 
     def _clips(self):
@@ -309,41 +308,27 @@ class Adamax(keras.optimizers.Optimizer):
         present = [g for g in grads if g is not None]
         summed = iter(tf.distribute.get_replica_context().all_reduce(
             tf.distribute.ReduceOp.SUM, present) if present else [])
-        # The replicas' rows of one token are summed again (clipping must
-        # see the densified gradient).
-        return [None if g is None else self._merged(next(summed))
-                for g in grads]
-
-    @staticmethod
-    def _merged(grad):
-        if isinstance(grad, tf.IndexedSlices):
-            return _math.merge_duplicates(grad)
-        return grad
+        return [None if g is None else next(summed) for g in grads]
 
     def _clip_gradients(self, grads):
-        if self._sums_before_clipping():
-            grads = self._sum_over_replicas(grads)
         # Keras 3's hook (private) for clipping. Its global-norm clipping
         # multiplies each gradient by a scale, which turns an IndexedSlices
         # into a dense table-sized tensor (and lazy updates into dense
         # ones). Its clipping is applied to the sparse gradients' values
-        # instead: `_prepare_sparse` summed repeated indices, so norms and
-        # elementwise clips over the values equal those of the densified
-        # gradient.
+        # instead, once repeated indices are summed (those of every replica
+        # under a strategy), so norms and elementwise clips over the values
+        # equal those of the densified gradient.
+        if self._sums_before_clipping():
+            grads = self._sum_over_replicas(grads)
         sparse = [isinstance(g, tf.IndexedSlices) for g in grads]
-        if not any(sparse):
+        if not self._clips() or not any(sparse):
             return super()._clip_gradients(grads)
+        grads = [_math.merge_duplicates(g) if s else g
+                 for g, s in zip(grads, sparse)]
         clipped = super()._clip_gradients(
             [g.values if s else g for g, s in zip(grads, sparse)])
         return [tf.IndexedSlices(c, g.indices, g.dense_shape) if s else c
                 for c, g, s in zip(clipped, grads, sparse)]
-
-    def _prepare_sparse(self, grad):
-        if self._clips():
-            grad = _math.merge_duplicates(grad)
-        if self.loss_scale_factor is not None:
-            grad = _DivisibleSlices(grad.values, grad.indices, grad.dense_shape)
-        return grad
 
     def get_config(self):
         """Returns every constructor argument (serializable)."""
