@@ -99,16 +99,22 @@ def run_time_checks(grads_and_vars):
     return checks
 
 
-def checked(strategy, grads_and_vars):
-    """`check_pair` for every pair, then their `run_time_checks`.
+def one_device(strategy, grads_and_vars):
+    """The pairs with each aggregated gradient as one device holds it.
 
-    For the Keras adapters' hooks, which get the aggregated gradients in the
-    cross-replica context: under a strategy a gradient holds one value per
-    device, and the first is checked (they have one shape). Without a
-    strategy `strategy` is the default one and each gradient is its value.
+    In the cross-replica context a gradient summed over replicas holds one
+    value per device, all of one shape and (after the sum) one content, so
+    the first stands for all. Without a strategy (the default one) each
+    gradient is its own value.
     """
-    pairs = [(_distribute.local(strategy, g)[0], v)
-             for g, v in grads_and_vars]
+    return [(_distribute.local(strategy, g)[0], v) for g, v in grads_and_vars]
+
+
+def checked(strategy, grads_and_vars):
+    """`check_pair` for every pair, then their `run_time_checks`; for the
+    Keras adapters' hooks, which get the aggregated gradients in the
+    cross-replica context."""
+    pairs = one_device(strategy, grads_and_vars)
     for grad, var in pairs:  # a bad pair raises before any update
         check_pair(grad, var)
     return run_time_checks(pairs)

@@ -433,8 +433,7 @@ class Adamax(tf.Module):
         grads = _distribute.all_reduce(strategy, grads, variables)
         # Eagerly a failed check raises here, before any slot is created.
         checks = _checks.run_time_checks(
-            [(_distribute.local(strategy, g)[0], v)
-             for g, v in zip(grads, variables)])
+            _checks.one_device(strategy, zip(grads, variables)))
         # Slots are created here: variables can only be created in the
         # cross-replica context.
         self.build(variables)
