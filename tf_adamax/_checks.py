@@ -15,10 +15,6 @@ from tf_adamax import _math
 from tf_adamax import _private
 
 
-def _name(var):
-    return _distribute.unwrap(var).name
-
-
 def check_variable(var):
     """Raises TypeError, naming it, for what is not a float tf.Variable."""
     if _private.is_sharded(var):
@@ -41,7 +37,7 @@ def check_variable(var):
 def check_pair(grad, var):
     """Static checks of one (gradient, variable) pair; raises naming var."""
     check_variable(var)
-    name = _name(var)
+    name = _distribute.name(var)
     if isinstance(grad, tf.IndexedSlices):
         values_shape = grad.values.shape
         if not values_shape[1:].is_compatible_with(var.shape[1:]):
@@ -93,7 +89,8 @@ def run_time_checks(grads_and_vars):
         rows = tf.cast(_math.num_rows(_distribute.unwrap(v)), g.indices.dtype)
         ok = tf.reduce_all((g.indices >= 0) & (g.indices < rows))
         checks.append(tf.debugging.Assert(ok, [
-            f"IndexedSlices gradient for variable {_name(v)!r} has indices "
+            f"IndexedSlices gradient for variable {_distribute.name(v)!r} "
+            "has indices "
             "out of range [0, rows):", rows, "indices:", g.indices],
             summarize=20))
     return checks
@@ -128,20 +125,23 @@ def _shape_checks(grad, var):
                 and grad.indices.shape.is_fully_defined()):
             checks.append(tf.debugging.Assert(
                 tf.equal(tf.shape(grad.indices)[0], tf.shape(grad.values)[0]),
-                [f"IndexedSlices gradient for variable {_name(var)!r} has "
+                [f"IndexedSlices gradient for variable "
+                 f"{_distribute.name(var)!r} has "
                  "a different number of indices and rows of values:",
                  tf.shape(grad.indices), tf.shape(grad.values)]))
         if not grad.values.shape[1:].is_fully_defined():
             checks.append(_assert_shape(
                 tf.shape(grad.values)[1:], var.shape[1:],
-                f"IndexedSlices gradient for variable {_name(var)!r} has "
+                f"IndexedSlices gradient for variable "
+                f"{_distribute.name(var)!r} has "
                 "rows of the wrong shape; expected"))
         return checks
     if not tf.is_tensor(grad) or grad.shape.is_fully_defined():
         return []
     return [_assert_shape(
         tf.shape(grad), var.shape,
-        f"Gradient for variable {_name(var)!r} has the wrong shape (pass "
+        f"Gradient for variable {_distribute.name(var)!r} has the wrong "
+        "shape (pass "
         "gradients in the same order as their variables); expected")]
 
 

@@ -28,6 +28,11 @@ def unwrap(var):
     return var
 
 
+def name(var):
+    """The name of the `tf.Variable` behind `var`, for messages."""
+    return unwrap(var).name
+
+
 def expand(var_list):
     """`var_list` with every ShardedVariable replaced by its shards.
 
@@ -78,7 +83,7 @@ def check_not_in_xla_replica():
             "device.")
 
 
-def check_replica_context(variables, names):
+def check_replica_context(variables):
     """Raises a clear error for mirrored variables updated outside
     `strategy.run`.
 
@@ -88,15 +93,16 @@ def check_replica_context(variables, names):
     """
     if in_replica_context():
         return
-    for var, name in zip(variables, names):
-        var = unwrap(var)
-        if (isinstance(var, tf.distribute.DistributedValues)
-                and len(var.values) > 1):
+    for var in variables:
+        inner = unwrap(var)
+        if (isinstance(inner, tf.distribute.DistributedValues)
+                and len(inner.values) > 1):
             raise RuntimeError(
-                f"Variable {name!r} is mirrored on {len(var.values)} devices: "
-                "call apply_gradients (or minimize) inside `strategy.run(...)`"
-                ", where every replica passes its own gradients and they are "
-                "summed once, not in the cross-replica context.")
+                f"Variable {name(var)!r} is mirrored on {len(inner.values)} "
+                "devices: call apply_gradients (or minimize) inside "
+                "`strategy.run(...)`, where every replica passes its own "
+                "gradients and they are summed once, not in the cross-replica "
+                "context.")
 
 
 def in_replica_context():
@@ -116,14 +122,14 @@ def merge(fn, *args):
     return fn(current_strategy(), *args)
 
 
-def check_same_strategy(strategy, var, name):
+def check_same_strategy(strategy, var):
     """Raises a clear error when `var` lives under another strategy."""
     if not strategy.extended.variable_created_in_scope(unwrap(var)):
         raise ValueError(
-            f"Variable {name!r} was created under a different tf.distribute "
-            f"strategy than the optimizer ({type(strategy).__name__}). Create "
-            "the optimizer inside the same `strategy.scope()` as the model's "
-            "variables."
+            f"Variable {name(var)!r} was created under a different "
+            "tf.distribute strategy than the optimizer "
+            f"({type(strategy).__name__}). Create the optimizer inside the "
+            "same `strategy.scope()` as the model's variables."
         )
 
 

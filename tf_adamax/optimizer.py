@@ -240,7 +240,7 @@ class Adamax(tf.Module):
             return False
         if _distribute.var_key(var) in self._fns.exclude_ids:
             return False
-        name = _distribute.unwrap(var).name
+        name = _distribute.name(var)
         return not any(n in name for n in self._fns.exclude_names)
 
     # ------------------------------------------------------------------
@@ -280,7 +280,7 @@ class Adamax(tf.Module):
         slot = self._slots.get(var, slot_name)
         if slot is None:
             raise KeyError(
-                f"Variable {_distribute.unwrap(var).name!r} has no slot "
+                f"Variable {_distribute.name(var)!r} has no slot "
                 f"{slot_name!r} yet: it is created by `build` or the first "
                 "`apply_gradients` that updates the variable.")
         return slot
@@ -331,8 +331,7 @@ class Adamax(tf.Module):
         for var in var_list:
             if self._slots.has(var):
                 continue
-            _distribute.check_same_strategy(
-                self._strategy, var, _distribute.unwrap(var).name)
+            _distribute.check_same_strategy(self._strategy, var)
         for var in var_list:
             try:
                 for name in self.get_slot_names():
@@ -341,7 +340,8 @@ class Adamax(tf.Module):
                 if not tf.inside_function():
                     raise
                 raise ValueError(
-                    f"Variable {_name(var)!r} is new to this optimizer, and "
+                    f"Variable {_distribute.name(var)!r} is new to this "
+                    "optimizer, and "
                     "its slots cannot be created inside a tf.function that "
                     "was already traced (TensorFlow creates variables only "
                     "on a function's first call). Call "
@@ -398,19 +398,18 @@ class Adamax(tf.Module):
         grads, variables = self._filter(grads_and_vars)
         for g, v in zip(grads, variables):
             _checks.check_pair(g, v)
-        _distribute.check_replica_context(variables,
-                                          [_name(v) for v in variables])
+        _distribute.check_replica_context(variables)
         _distribute.check_not_in_xla_replica()
         for v in variables:
             if not self._slots.has(v):
-                _distribute.check_same_strategy(self._strategy, v, _name(v))
+                _distribute.check_same_strategy(self._strategy, v)
         return _distribute.merge(self._apply_cross_replica, grads, variables)
 
     def _filter(self, grads_and_vars):
         grads, variables, skipped = [], [], []
         for g, v in grads_and_vars:
             if g is None:
-                skipped.append(_distribute.unwrap(v).name)
+                skipped.append(_distribute.name(v))
                 continue
             grads.append(g)
             variables.append(v)
@@ -669,10 +668,6 @@ def _component_state(strategy, state, group):
         None if s is None else _distribute.component(strategy, s, group)
         for s in state
     ])
-
-
-def _name(var):
-    return _distribute.unwrap(var).name
 
 
 def _cores():
