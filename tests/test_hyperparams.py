@@ -155,3 +155,67 @@ def test_finalize_without_ema_is_a_no_op(rng):
 def test_boundary_hyperparameters_are_accepted():
     # lr = 0, beta = 0, epsilon = 0 are all inside the documented domains.
     make_optimizer("eager", learning_rate=0.0, beta_1=0.0, beta_2=0.0, epsilon=0.0)
+
+
+def _traced_step(opt, var):
+    step = tf.function(lambda: opt.apply_gradients([(tf.ones_like(var), var)]))
+    step()
+    return step
+
+
+def test_setting_a_float_rate_after_tracing_is_seen_by_the_function():
+    var = tf.Variable([1.0, -1.0])
+    opt = make_optimizer("eager", learning_rate=0.1)
+    step = _traced_step(opt, var)
+    opt.learning_rate = 0.0
+    before = var.numpy().copy()
+    step()
+    np.testing.assert_array_equal(var.numpy(), before)  # lr 0: no move
+    opt.learning_rate = tf.constant(0.05)
+    step()
+    assert not np.array_equal(var.numpy(), before)
+
+
+@pytest.mark.parametrize("start,new", [
+    ("schedule", "float"), ("float", "callable"), ("float", "schedule"),
+    ("callable", "float"), ("variable", "float"), ("float", "variable"),
+])
+def test_replacing_the_rate_after_tracing_raises_and_changes_nothing(start, new):
+    # The traced function keeps reading the old rate object, so a new one
+    # would be silently ignored: refuse it (eagerly it is fine).
+    def rate(kind):
+        return {"float": 0.1, "callable": lambda: 0.1,
+                "variable": tf.Variable(0.1, dtype=tf.float64),
+                "schedule": keras.optimizers.schedules.ExponentialDecay(
+                    0.1, 1, 0.5)}[kind]
+
+    var = tf.Variable([1.0, -1.0])
+    opt = make_optimizer("eager", learning_rate=rate(start))
+    step = _traced_step(opt, var)
+    lr_before = float(opt.learning_rate)
+    with pytest.raises(TypeError, match="learning_rate"):
+        opt.learning_rate = rate(new)
+    assert float(opt.learning_rate) == lr_before
+    step()  # still the old rate, as reported
+    eager = make_optimizer("eager", learning_rate=rate(start))
+    eager.apply_gradients([(tf.ones_like(var), var)])
+    eager.learning_rate = rate(new)  # no tf.function traced a step
+    expected = 0.05 if new == "schedule" else 0.1  # the schedule at step 1
+    assert float(eager.learning_rate) == pytest.approx(expected)
+
+
+def test_many_optimizers_do_not_warn_of_retracing():
+    # Each optimizer traces its update once; TF counts traces per Python
+    # function, so a shared one warned after five optimizers.
+    records = []
+    handler = type("H", (__import__("logging").Handler,), {
+        "emit": lambda self, r: records.append(r.getMessage())})()
+    tf.get_logger().addHandler(handler)
+    try:
+        var = tf.Variable([1.0, 2.0])
+        for _ in range(7):
+            make_optimizer("jit", learning_rate=0.1).apply_gradients(
+                [(tf.ones_like(var), var)])
+    finally:
+        tf.get_logger().removeHandler(handler)
+    assert not [r for r in records if "retracing" in r], records

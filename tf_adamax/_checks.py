@@ -27,11 +27,18 @@ def check_variable(var):
         raise TypeError(
             f"Expected a tf.Variable to update, got {type(var).__name__}: "
             f"{var!r}.")
-    if not var.dtype.is_floating:
+    check_float(var)
+
+
+def check_float(var):
+    """Raises TypeError, naming it, for a variable of a non-float dtype."""
+    dtype = getattr(_distribute.unwrap(var), "dtype", None)
+    if dtype is not None and not tf.as_dtype(dtype).is_floating:
         raise TypeError(
-            f"Variable {var.name!r} has dtype {var.dtype.name}; Adamax can "
-            "only update floating-point variables. Make it float32 (or "
-            "exclude it from the variables passed to the optimizer).")
+            f"Variable {var.name!r} has dtype {tf.as_dtype(dtype).name}; "
+            "Adamax can only update floating-point variables. Make it "
+            "float32 (or exclude it from the variables passed to the "
+            "optimizer).")
 
 
 def check_pair(grad, var):
@@ -115,6 +122,16 @@ def checked(strategy, grads_and_vars):
     for grad, var in pairs:  # a bad pair raises before any update
         check_pair(grad, var)
     return run_time_checks(pairs)
+
+
+def checked_before_keras(grads, variables):
+    """`checked` for the pairs a Keras adapter's `apply`/`apply_gradients`
+    receives, before Keras does anything with them (its weight decay and
+    gradient accumulation run before the update hook). `None` gradients
+    are Keras's to skip. Returns the run-time asserts, for control deps."""
+    pairs = [(g, _distribute.unwrap(v)) for g, v in zip(grads, variables)
+             if g is not None]
+    return checked(tf.distribute.get_strategy(), pairs)
 
 
 def _shape_checks(grad, var):

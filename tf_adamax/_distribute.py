@@ -145,6 +145,11 @@ def create_slot(strategy, var, name, dtype, shape):
             return tf.Variable(
                 tf.zeros(shape, dtype), name=name, trainable=False,
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+                # Created eagerly (init_scope), not lifted out of a trace: a
+                # tf.function whose first call created no variables may then
+                # create slots for a new variable in a later trace (TF would
+                # otherwise raise after that call had updated the weights).
+                experimental_enable_variable_lifting=False,
             )
 
 

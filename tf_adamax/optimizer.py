@@ -7,6 +7,7 @@ list of variables); the strategy glue in `_distribute`.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -145,10 +146,14 @@ class Adamax(tf.Module):
         self._fns = Untracked(
             config=config,
             strategy=_distribute.current_strategy(),
-            update=tf.function(_step.apply_step, jit_compile=True,
-                               reduce_retracing=True)
+            # A partial per optimizer: TF counts retraces per Python
+            # function, and would warn of "retracing" once five optimizers
+            # had each traced their own update once.
+            update=tf.function(functools.partial(_step.apply_step),
+                               jit_compile=True, reduce_retracing=True)
             if jit_compile else _step.apply_step,
             warned_none=False,
+            traced=False,  # a step was traced in a tf.function
             exclude_ids=set(),
             exclude_names=(),
             sharded_slots={},  # (shard keys, slot name) -> ShardedVariable
@@ -165,6 +170,7 @@ class Adamax(tf.Module):
     # ------------------------------------------------------------------
     def _set_lr(self, learning_rate):
         learning_rate = _hyper.check_learning_rate(learning_rate)
+        self._check_lr_change(learning_rate)
         if isinstance(learning_rate, tf.Variable):
             self._lr_source = None
             self._learning_rate = learning_rate  # the caller's: not ours
@@ -187,6 +193,32 @@ class Adamax(tf.Module):
 
     def _user_lr_var(self):
         return not getattr(self, "_owns_lr", False)
+
+    def _check_lr_change(self, learning_rate):
+        """Refuses a new rate a traced step would not see.
+
+        A tf.function that already ran a step reads the rate it was traced
+        with: the optimizer's own rate variable (so assigning a float to it
+        is seen), or the schedule, callable or user variable of that time.
+        Replacing any of those after such a trace would be silently ignored
+        by that function, so it raises instead (eagerly anything goes).
+        """
+        if not self._fns.traced:
+            return
+        plain = not (_hyper.is_schedule(learning_rate)
+                     or callable(learning_rate)
+                     or isinstance(learning_rate, tf.Variable))
+        if plain and self._lr_source is None and not self._user_lr_var():
+            return  # assigned to the variable the traced step reads
+        was = (_kind(self._lr_source) if self._lr_source is not None
+               else "your tf.Variable" if self._user_lr_var()
+               else "a float")
+        raise TypeError(
+            f"Cannot set learning_rate to {_kind(learning_rate)}: this "
+            f"optimizer's learning rate is {was}, and a tf.function that "
+            "already applied a step with it would keep using it. Create a "
+            "new optimizer (and function) for the new rate; or, to change a "
+            "float rate during training, set another float.")
 
     @property
     def learning_rate(self):
@@ -398,6 +430,8 @@ class Adamax(tf.Module):
         grads, variables = self._filter(grads_and_vars)
         for g, v in zip(grads, variables):
             _checks.check_pair(g, v)
+        if tf.inside_function():
+            self._fns.traced = True  # see `_check_lr_change`
         _distribute.check_replica_context(variables)
         _distribute.check_not_in_xla_replica()
         for v in variables:
@@ -409,6 +443,9 @@ class Adamax(tf.Module):
         grads, variables, skipped = [], [], []
         for g, v in grads_and_vars:
             if g is None:
+                # tape.gradient gives None for an integer variable, which
+                # would otherwise be skipped unnoticed.
+                _checks.check_float(v)
                 skipped.append(_distribute.name(v))
                 continue
             grads.append(g)
@@ -636,9 +673,11 @@ class Adamax(tf.Module):
                 return cls.from_config(config)
             except (ValueError, TypeError, ImportError) as e:
                 reason = f"{type(e).__name__}: {e}"
+        # 7 significant digits: a float32 rate of 0.3 reads 0.3.
+        shown = f"{lr_now:.7g}" if isinstance(lr_now, float) else lr_now
         warnings.warn(
             "The SavedModel's Adamax learning rate cannot be restored ("
-            f"{reason}); the loaded optimizer uses {lr_now}, its value when "
+            f"{reason}); the loaded optimizer uses {shown}, its value when "
             "saved. Set `optimizer.learning_rate` to change it.",
             UserWarning, stacklevel=2)
         # A callable, like the saved optimizer's: no learning-rate variable,
@@ -668,6 +707,16 @@ def _component_state(strategy, state, group):
         None if s is None else _distribute.component(strategy, s, group)
         for s in state
     ])
+
+
+def _kind(learning_rate):
+    if _hyper.is_schedule(learning_rate):
+        return f"a schedule ({type(learning_rate).__name__})"
+    if isinstance(learning_rate, tf.Variable):
+        return "a tf.Variable"
+    if callable(learning_rate):
+        return "a callable"
+    return "a float"
 
 
 def _cores():
