@@ -22,7 +22,7 @@ import tensorflow as tf
 import tf_adamax.keras
 from reference import AdamaxReference, SparseGrad
 from keras_cases import (
-    BAD_PAIR_CASES, BATCH, DIM, EMB_LR, REPO_ROOT, TOKENS, VOCAB,
+    BAD_PAIR_CASES, BAD_PAIR_OPTIONS, BATCH, DIM, EMB_LR, REPO_ROOT, TOKENS, VOCAB,
     assert_matches_reference, check_bad_pairs_change_nothing, child_env, dense_data,
     embedding_batches, embedding_init, embedding_reference, token_regression_data)
 
@@ -312,11 +312,14 @@ def test_sparse_gradient_accumulation_equals_dense(sparse_mode):
 
 
 @BAD_PAIR_CASES
+@BAD_PAIR_OPTIONS
 def test_bad_gradients_raise_naming_variable_and_change_nothing(sparse_mode,
-                                                                graph):
+                                                                graph,
+                                                                options):
     # As keras.optimizers.Adamax raises for out-of-range rows; the adapter's
     # compiled update would otherwise drop them silently.
-    check_bad_pairs_change_nothing(Adamax, keras.Variable, sparse_mode, graph)
+    check_bad_pairs_change_nothing(Adamax, keras.Variable, sparse_mode, graph,
+                                   options)
 
 
 # ----------------------------------------------------------------------------
@@ -418,8 +421,11 @@ def test_invalid_sparse_mode_names_value_and_choices():
         Adamax(sparse_mode="lazzy")
 
 
-@pytest.mark.parametrize("arg,value", [("beta_1", 1.0), ("beta_2", -0.1),
-                                       ("epsilon", -1e-7)])
+@pytest.mark.parametrize("arg,value", [
+    ("beta_1", 1.0), ("beta_2", -0.1), ("epsilon", -1e-7),
+    # Accepted by Keras's own base class; the core rejects them too.
+    ("learning_rate", -1.0), ("learning_rate", float("nan")),
+    ("weight_decay", -0.5), ("clipvalue", -1.0), ("clipnorm", 0.0)])
 def test_invalid_hyperparameter_names_argument_and_value(arg, value):
     with pytest.raises(ValueError, match=rf"{arg}.*{value}"):
         Adamax(**{arg: value})

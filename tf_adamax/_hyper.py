@@ -121,6 +121,16 @@ def check_adamax(beta_1, beta_2, epsilon, sparse_mode):
     check_scalar("epsilon", epsilon, low=0.0, high=None, high_open=False)
 
 
+def check_update_options(learning_rate, weight_decay, clipnorm, clipvalue,
+                         global_clipnorm):
+    """The Keras 3 keyword checks every front end shares (the Keras base
+    classes themselves accept a negative or NaN rate, decay or clip)."""
+    check_learning_rate(learning_rate)
+    check_scalar("weight_decay", weight_decay, low=0.0, high=None,
+                 high_open=False, allow_none=True)
+    check_clipping(clipnorm, clipvalue, global_clipnorm)
+
+
 def check_positive_int(name, value, minimum):
     if value is None:
         return None

@@ -155,6 +155,8 @@ class Adamax(keras.optimizers.Optimizer):
     ):
         # Validate before any variable exists: a typo leaves nothing behind.
         _hyper.check_adamax(beta_1, beta_2, epsilon, sparse_mode)
+        _hyper.check_update_options(learning_rate, weight_decay, clipnorm,
+                                    clipvalue, global_clipnorm)
         super().__init__(
             learning_rate=learning_rate,
             weight_decay=weight_decay,
@@ -251,24 +253,18 @@ class Adamax(keras.optimizers.Optimizer):
         `extended.update` path is kept (it places each update on every copy
         of a mirrored variable).
         """
-        # Bad pairs raise before any update; out-of-range sparse indices
-        # raise as with Keras's own optimizers (inside XLA they would be
-        # dropped silently).
-        checks = _checks.checked(
-            distribution, [(g, _tf_variable(v)) for g, v in grads_and_vars])
+        # The gradients were checked in `apply`, before anything changed.
         if tf.distribute.has_strategy():
-            with tf.control_dependencies(checks):
-                return super()._distributed_tf_update_step(
-                    distribution, grads_and_vars, learning_rate)
+            return super()._distributed_tf_update_step(
+                distribution, grads_and_vars, learning_rate)
         if self._update_all_fn is None:
             # Kept out of Keras's attribute tracking (and SavedModel).
             self._update_all_fn = Untracked(fn=tf.function(
                 self._update_all, jit_compile=True, reduce_retracing=True))
         grads, variables = zip(*grads_and_vars)
-        with tf.control_dependencies(checks):
-            self._update_all_fn.fn(
-                list(grads), list(variables),
-                tf.convert_to_tensor(_tf_variable(learning_rate)))
+        self._update_all_fn.fn(
+            list(grads), list(variables),
+            tf.convert_to_tensor(_tf_variable(learning_rate)))
 
     def _update_all(self, grads, variables, learning_rate):
         for grad, variable in zip(grads, variables):
@@ -277,13 +273,30 @@ class Adamax(keras.optimizers.Optimizer):
     def apply(self, grads, trainable_variables=None):
         """Applies gradients (see `keras.optimizers.Optimizer.apply`).
 
-        With `loss_scale_factor`, sparse gradients are made divisible for
-        Keras 3's unscaling.
+        Bad gradients raise naming their variable before Keras changes
+        anything (its weight decay and gradient accumulation come before
+        the update); out-of-range sparse indices raise as with Keras's own
+        optimizers, where inside XLA they would be dropped silently. With
+        `loss_scale_factor`, sparse gradients are made divisible for Keras
+        3's unscaling.
         """
+        grads = list(grads)
+        if trainable_variables is not None and not self.built:
+            # As Keras's `apply` would, but outside the checks' control
+            # dependencies: slots created under them could not be lifted
+            # out of the train function (XLA refuses such a function).
+            trainable_variables = list(trainable_variables)
+            with keras.name_scope(self.name, caller=self):
+                self.build(trainable_variables)
+        variables = (trainable_variables if trainable_variables is not None
+                     else getattr(self, "_trainable_variables", None))
+        checks = (_checks.checked_before_keras(grads, variables)
+                  if variables is not None else [])
         if self.loss_scale_factor is not None:
             grads = [_DivisibleSlices(g.values, g.indices, g.dense_shape)
                      if isinstance(g, tf.IndexedSlices) else g for g in grads]
-        return super().apply(grads, trainable_variables)
+        with tf.control_dependencies(checks):
+            return super().apply(grads, trainable_variables)
 
     def _clips(self):
         return any(x is not None and x > 0 for x in (

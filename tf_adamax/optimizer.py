@@ -112,11 +112,9 @@ class Adamax(tf.Module):
         jit_compile=True,
         name="adamax",
     ):
-        _hyper.check_learning_rate(learning_rate)
         _hyper.check_adamax(beta_1, beta_2, epsilon, sparse_mode)
-        _hyper.check_scalar("weight_decay", weight_decay, low=0.0, high=None,
-                            high_open=False, allow_none=True)
-        _hyper.check_clipping(clipnorm, clipvalue, global_clipnorm)
+        _hyper.check_update_options(learning_rate, weight_decay, clipnorm,
+                                    clipvalue, global_clipnorm)
         _hyper.check_scalar("ema_momentum", ema_momentum, low=0.0, high=1.0,
                             high_open=False)
         _hyper.check_scalar("loss_scale_factor", loss_scale_factor, low=0.0,

@@ -125,6 +125,8 @@ class Adamax(tf_keras.optimizers.Optimizer):
     ):
         # Validate before any variable exists: a typo leaves nothing behind.
         _hyper.check_adamax(beta_1, beta_2, epsilon, sparse_mode)
+        _hyper.check_update_options(learning_rate, weight_decay, clipnorm,
+                                    clipvalue, global_clipnorm)
         super().__init__(
             name=name,
             weight_decay=weight_decay,
@@ -215,25 +217,35 @@ class Adamax(tf_keras.optimizers.Optimizer):
         it places each update on every copy of a mirrored variable).
         """
         grads_and_vars = list(grads_and_vars)
-        # Bad pairs raise before any update; out-of-range sparse indices
-        # raise as with tf-keras's own optimizers (inside XLA they would be
-        # dropped silently).
-        checks = _checks.checked(distribution, grads_and_vars)
+        # The gradients were checked in `apply_gradients`, before anything
+        # changed.
         if (tf.distribute.has_strategy() or not self._jit_all
                 or self.use_ema):
-            with tf.control_dependencies(checks):
-                return super()._distributed_apply_gradients_fn(
-                    distribution, grads_and_vars, **kwargs)
+            return super()._distributed_apply_gradients_fn(
+                distribution, grads_and_vars, **kwargs)
         if self._update_all_fn is None:
             self._update_all_fn = Untracked(fn=tf.function(
                 self._update_all, jit_compile=True, reduce_retracing=True))
         grads, variables = zip(*grads_and_vars)
-        with tf.control_dependencies(checks):
-            self._update_all_fn.fn(list(grads), list(variables))
+        self._update_all_fn.fn(list(grads), list(variables))
         # With no pairs left, tf-keras only increments `iterations` (ordered
         # after the update's read of it by TF's automatic control deps).
         return super()._distributed_apply_gradients_fn(distribution, [],
                                                        **kwargs)
+
+    def apply_gradients(self, grads_and_vars, *args, **kwargs):
+        """Applies gradients (see `tf_keras.optimizers.Optimizer`).
+
+        Bad gradients raise naming their variable before tf-keras changes
+        anything (its weight decay comes before the update); out-of-range
+        sparse indices raise as with tf-keras's own optimizers, where inside
+        XLA they would be dropped silently.
+        """
+        grads_and_vars = list(grads_and_vars)
+        checks = _checks.checked_before_keras(
+            [g for g, _ in grads_and_vars], [v for _, v in grads_and_vars])
+        with tf.control_dependencies(checks):
+            return super().apply_gradients(grads_and_vars, *args, **kwargs)
 
     def _update_all(self, grads, variables):
         for grad, variable in zip(grads, variables):
