@@ -70,8 +70,11 @@ def competitors(n):
     out = {"legacy": optimizer_step(tf_keras.optimizers.legacy.Adamax()),
            "core": optimizer_step(tf_adamax.Adamax())}
 
-    slots = [(v, tf.Variable(tf.zeros(SHAPE)), tf.Variable(tf.zeros(SHAPE)))
-             for v in _variables(n, 2)]
+    def with_slots(seed):
+        return [(v, tf.Variable(tf.zeros(SHAPE)), tf.Variable(tf.zeros(SHAPE)))
+                for v in _variables(n, seed)]
+
+    slots, floor_slots = with_slots(2), with_slots(3)  # state of their own
     iterations = tf.Variable(0, dtype=tf.int64)
 
     @tf.function(jit_compile=True)
@@ -90,7 +93,7 @@ def competitors(n):
 
     @tf.function(jit_compile=True)
     def floor():
-        for (v, m, u), g in zip(slots, grads):
+        for (v, m, u), g in zip(floor_slots, grads):
             v.assign_add(g + m.read_value() + u.read_value(), read_value=False)
 
     out["one_program"] = one_program_step

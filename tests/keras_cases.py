@@ -5,6 +5,7 @@ reference, and the child-process environment: nothing here imports either
 Keras, so each test module keeps to its own.
 """
 
+import logging
 import os
 
 import numpy as np
@@ -129,3 +130,34 @@ def check_bad_pairs_change_nothing(optimizer_class, variable_class, sparse_mode,
     after = [np.array(v) for v in [table, bias] + list(opt.variables)]
     for b, a in zip(before, after):
         np.testing.assert_array_equal(a, b)
+
+
+def check_zero_clip_is_off(optimizer_class, arg):
+    """Keras reads a clip value of 0 as "off" (and its saved configs may
+    hold it): the adapter accepts it and does not clip."""
+    var = tf.Variable([1.0, -2.0])
+    other = tf.Variable([1.0, -2.0])
+    ours = optimizer_class(learning_rate=0.1, **{arg: 0.0})
+    plain = optimizer_class(learning_rate=0.1)
+    ours.apply_gradients([(tf.constant([30.0, -40.0]), var)])
+    plain.apply_gradients([(tf.constant([30.0, -40.0]), other)])
+    np.testing.assert_array_equal(var.numpy(), other.numpy())
+    config = ours.get_config()
+    assert optimizer_class.from_config(config).get_config() == config
+
+
+def check_no_retracing_warning(optimizer_class):
+    """Each optimizer compiles its own update; TF counts traces per Python
+    function, so a shared bound method warned after five optimizers."""
+    records = []
+    handler = type("H", (logging.Handler,), {
+        "emit": lambda self, r: records.append(r.getMessage())})()
+    tf.get_logger().addHandler(handler)
+    try:
+        var = tf.Variable([1.0, 2.0])
+        for _ in range(7):
+            optimizer_class(learning_rate=0.1).apply_gradients(
+                [(tf.ones_like(var), var)])
+    finally:
+        tf.get_logger().removeHandler(handler)
+    assert not [r for r in records if "retracing" in r], records

@@ -204,6 +204,27 @@ def test_replacing_the_rate_after_tracing_raises_and_changes_nothing(start, new)
     assert float(eager.learning_rate) == pytest.approx(expected)
 
 
+def test_setting_the_same_rate_object_after_tracing_is_allowed():
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, 1, 0.5)
+    var = tf.Variable([1.0, -1.0])
+    opt = make_optimizer("eager", learning_rate=schedule)
+    _traced_step(opt, var)
+    opt.learning_rate = schedule  # nothing changes: no error
+
+
+def test_user_rate_variable_error_says_to_assign_it():
+    rate = tf.Variable(0.1, dtype=tf.float64)
+    var = tf.Variable([1.0, -1.0])
+    opt = make_optimizer("eager", learning_rate=rate)
+    step = _traced_step(opt, var)
+    with pytest.raises(TypeError, match=r"assign"):
+        opt.learning_rate = 0.0
+    rate.assign(0.0)  # the advised fix, seen by the traced step
+    before = var.numpy().copy()
+    step()
+    np.testing.assert_array_equal(var.numpy(), before)
+
+
 def test_many_optimizers_do_not_warn_of_retracing():
     # Each optimizer traces its update once; TF counts traces per Python
     # function, so a shared one warned after five optimizers.

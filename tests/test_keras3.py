@@ -23,7 +23,8 @@ import tf_adamax.keras
 from reference import AdamaxReference, SparseGrad
 from keras_cases import (
     BAD_PAIR_CASES, BAD_PAIR_OPTIONS, BATCH, DIM, EMB_LR, REPO_ROOT, TOKENS, VOCAB,
-    assert_matches_reference, check_bad_pairs_change_nothing, child_env, dense_data,
+    assert_matches_reference, check_bad_pairs_change_nothing,
+    check_no_retracing_warning, check_zero_clip_is_off, child_env, dense_data,
     embedding_batches, embedding_init, embedding_reference, token_regression_data)
 
 Adamax = tf_adamax.keras.Adamax
@@ -425,10 +426,19 @@ def test_invalid_sparse_mode_names_value_and_choices():
     ("beta_1", 1.0), ("beta_2", -0.1), ("epsilon", -1e-7),
     # Accepted by Keras's own base class; the core rejects them too.
     ("learning_rate", -1.0), ("learning_rate", float("nan")),
-    ("weight_decay", -0.5), ("clipvalue", -1.0), ("clipnorm", 0.0)])
+    ("weight_decay", -0.5), ("clipvalue", -1.0), ("global_clipnorm", -2.0)])
 def test_invalid_hyperparameter_names_argument_and_value(arg, value):
     with pytest.raises(ValueError, match=rf"{arg}.*{value}"):
         Adamax(**{arg: value})
+
+
+@pytest.mark.parametrize("arg", ["clipnorm", "clipvalue", "global_clipnorm"])
+def test_zero_clip_value_means_no_clipping_as_in_keras(arg):
+    check_zero_clip_is_off(Adamax, arg)
+
+
+def test_many_adapters_do_not_warn_of_retracing():
+    check_no_retracing_warning(Adamax)
 
 
 def test_unknown_keyword_is_rejected():
@@ -713,3 +723,13 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(tf_adamax.keras, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_apply_takes_variables_from_a_generator():
+    # The adapter reads the variable list twice (checks, then Keras).
+    var = keras.Variable(np.ones((2,), "float32"), name="gen_w")
+    opt = Adamax(learning_rate=0.1)
+    opt.build([var])
+    opt.apply([tf.ones((2,))], (v for v in [var]))
+    assert int(opt.iterations.numpy()) == 1
+    np.testing.assert_allclose(np.array(var), [0.9, 0.9], rtol=1e-6)

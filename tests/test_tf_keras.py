@@ -28,7 +28,8 @@ import tf_adamax.tf_keras
 from reference import AdamaxReference, SparseGrad
 from keras_cases import (
     BAD_PAIR_CASES, BAD_PAIR_OPTIONS, BATCH, DIM, EMB_LR, REPO_ROOT, TOKENS, VOCAB,
-    assert_matches_reference, check_bad_pairs_change_nothing, child_env, dense_data,
+    assert_matches_reference, check_bad_pairs_change_nothing,
+    check_no_retracing_warning, check_zero_clip_is_off, child_env, dense_data,
     embedding_batches, embedding_init, embedding_reference, token_regression_data)
 
 Adamax = tf_adamax.tf_keras.Adamax
@@ -385,10 +386,19 @@ def test_invalid_sparse_mode_names_value_and_choices():
     ("beta_1", 1.0), ("beta_2", -0.1), ("epsilon", -1e-7),
     # Accepted by Keras's own base class; the core rejects them too.
     ("learning_rate", -1.0), ("learning_rate", float("nan")),
-    ("weight_decay", -0.5), ("clipvalue", -1.0), ("clipnorm", 0.0)])
+    ("weight_decay", -0.5), ("clipvalue", -1.0), ("global_clipnorm", -2.0)])
 def test_invalid_hyperparameter_names_argument_and_value(arg, value):
     with pytest.raises(ValueError, match=rf"{arg}.*{value}"):
         Adamax(**{arg: value})
+
+
+@pytest.mark.parametrize("arg", ["clipnorm", "clipvalue", "global_clipnorm"])
+def test_zero_clip_value_means_no_clipping_as_in_keras(arg):
+    check_zero_clip_is_off(Adamax, arg)
+
+
+def test_many_adapters_do_not_warn_of_retracing():
+    check_no_retracing_warning(Adamax)
 
 
 # ----------------------------------------------------------------------------

@@ -122,12 +122,20 @@ def check_adamax(beta_1, beta_2, epsilon, sparse_mode):
 
 
 def check_update_options(learning_rate, weight_decay, clipnorm, clipvalue,
-                         global_clipnorm):
+                         global_clipnorm, zero_clip_is_off=False):
     """The Keras 3 keyword checks every front end shares (the Keras base
-    classes themselves accept a negative or NaN rate, decay or clip)."""
+    classes themselves accept a negative or NaN rate, decay or clip).
+
+    `zero_clip_is_off`: the Keras adapters accept a clip value of 0, which
+    Keras reads as "no clipping" (configs saved by Keras may hold it).
+    """
     check_learning_rate(learning_rate)
     check_scalar("weight_decay", weight_decay, low=0.0, high=None,
                  high_open=False, allow_none=True)
+    if zero_clip_is_off:
+        clipnorm, clipvalue, global_clipnorm = (
+            None if (isinstance(x, numbers.Number) and x == 0) else x
+            for x in (clipnorm, clipvalue, global_clipnorm))
     check_clipping(clipnorm, clipvalue, global_clipnorm)
 
 

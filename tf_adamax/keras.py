@@ -12,6 +12,8 @@ sparse gradients for it (`Adamax.apply`).
 
 from __future__ import annotations
 
+import functools
+
 import keras
 import tensorflow as tf
 
@@ -156,7 +158,8 @@ class Adamax(keras.optimizers.Optimizer):
         # Validate before any variable exists: a typo leaves nothing behind.
         _hyper.check_adamax(beta_1, beta_2, epsilon, sparse_mode)
         _hyper.check_update_options(learning_rate, weight_decay, clipnorm,
-                                    clipvalue, global_clipnorm)
+                                    clipvalue, global_clipnorm,
+                                    zero_clip_is_off=True)
         super().__init__(
             learning_rate=learning_rate,
             weight_decay=weight_decay,
@@ -259,8 +262,11 @@ class Adamax(keras.optimizers.Optimizer):
                 distribution, grads_and_vars, learning_rate)
         if self._update_all_fn is None:
             # Kept out of Keras's attribute tracking (and SavedModel).
+            # (A partial: TF counts traces per Python function and would
+            # warn of retracing once five optimizers had traced theirs.)
             self._update_all_fn = Untracked(fn=tf.function(
-                self._update_all, jit_compile=True, reduce_retracing=True))
+                functools.partial(self._update_all), jit_compile=True,
+                reduce_retracing=True))
         grads, variables = zip(*grads_and_vars)
         self._update_all_fn.fn(
             list(grads), list(variables),
@@ -281,11 +287,12 @@ class Adamax(keras.optimizers.Optimizer):
         3's unscaling.
         """
         grads = list(grads)
+        if trainable_variables is not None:
+            trainable_variables = list(trainable_variables)  # read twice
         if trainable_variables is not None and not self.built:
             # As Keras's `apply` would, but outside the checks' control
             # dependencies: slots created under them could not be lifted
             # out of the train function (XLA refuses such a function).
-            trainable_variables = list(trainable_variables)
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
         variables = (trainable_variables if trainable_variables is not None

@@ -203,20 +203,32 @@ class Adamax(tf.Module):
         """
         if not self._fns.traced:
             return
+        current = (self._lr_source if self._lr_source is not None
+                   else self._learning_rate)
+        if learning_rate is current:
+            return  # the same object: nothing changes
         plain = not (_hyper.is_schedule(learning_rate)
                      or callable(learning_rate)
                      or isinstance(learning_rate, tf.Variable))
         if plain and self._lr_source is None and not self._user_lr_var():
             return  # assigned to the variable the traced step reads
         was = (_kind(self._lr_source) if self._lr_source is not None
-               else "your tf.Variable" if self._user_lr_var()
-               else "a float")
+               else "your tf.Variable" if self._user_lr_var() else "a float")
+        if self._lr_source is None and self._user_lr_var():
+            fix = ("To change it, assign to your variable "
+                   "(`variable.assign(new_rate)`); the traced step reads it.")
+        elif self._lr_source is None:
+            fix = ("To change it during training, set another float: it is "
+                   "assigned to the rate variable the traced step reads.")
+        else:
+            fix = ("To change the rate during training, construct the "
+                   "optimizer with a float (or your own tf.Variable) instead.")
         raise TypeError(
-            f"Cannot set learning_rate to {_kind(learning_rate)}: this "
-            f"optimizer's learning rate is {was}, and a tf.function that "
-            "already applied a step with it would keep using it. Create a "
-            "new optimizer (and function) for the new rate; or, to change a "
-            "float rate during training, set another float.")
+            f"Cannot set learning_rate to {_kind(learning_rate)} after a "
+            "tf.function applied a step with this optimizer: that function "
+            f"keeps reading the current rate ({was}), so the new "
+            f"one would be ignored there. {fix} Or create a new optimizer "
+            "(and function).")
 
     @property
     def learning_rate(self):
@@ -428,14 +440,16 @@ class Adamax(tf.Module):
         grads, variables = self._filter(grads_and_vars)
         for g, v in zip(grads, variables):
             _checks.check_pair(g, v)
-        if tf.inside_function():
-            self._fns.traced = True  # see `_check_lr_change`
         _distribute.check_replica_context(variables)
         _distribute.check_not_in_xla_replica()
         for v in variables:
             if not self._slots.has(v):
                 _distribute.check_same_strategy(self._strategy, v)
-        return _distribute.merge(self._apply_cross_replica, grads, variables)
+        iterations = _distribute.merge(self._apply_cross_replica, grads,
+                                       variables)
+        if tf.inside_function():
+            self._fns.traced = True  # see `_check_lr_change`
+        return iterations
 
     def _filter(self, grads_and_vars):
         grads, variables, skipped = [], [], []

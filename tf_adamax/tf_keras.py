@@ -10,6 +10,7 @@ clipping, weight decay, EMA, mixed-precision loss scaling and
 
 from __future__ import annotations
 
+import functools
 import os
 
 import tensorflow as tf
@@ -126,7 +127,8 @@ class Adamax(tf_keras.optimizers.Optimizer):
         # Validate before any variable exists: a typo leaves nothing behind.
         _hyper.check_adamax(beta_1, beta_2, epsilon, sparse_mode)
         _hyper.check_update_options(learning_rate, weight_decay, clipnorm,
-                                    clipvalue, global_clipnorm)
+                                    clipvalue, global_clipnorm,
+                                    zero_clip_is_off=True)
         super().__init__(
             name=name,
             weight_decay=weight_decay,
@@ -224,8 +226,11 @@ class Adamax(tf_keras.optimizers.Optimizer):
             return super()._distributed_apply_gradients_fn(
                 distribution, grads_and_vars, **kwargs)
         if self._update_all_fn is None:
+            # (A partial: TF counts traces per Python function and would
+            # warn of retracing once five optimizers had traced theirs.)
             self._update_all_fn = Untracked(fn=tf.function(
-                self._update_all, jit_compile=True, reduce_retracing=True))
+                functools.partial(self._update_all), jit_compile=True,
+                reduce_retracing=True))
         grads, variables = zip(*grads_and_vars)
         self._update_all_fn.fn(list(grads), list(variables))
         # With no pairs left, tf-keras only increments `iterations` (ordered
