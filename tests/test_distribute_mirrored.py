@@ -70,6 +70,10 @@ def child_mirrored(configs, num_steps, ckpt_modes, ckpt_dir):
         results["cross-replica"] = child_cross_replica(tf, strategy)
     except Exception:  # noqa: BLE001
         results["cross-replica"] = dh.error_record()
+    try:
+        results["replica-shape"] = child_replica_shape_mismatch(tf, strategy)
+    except Exception:  # noqa: BLE001
+        results["replica-shape"] = dh.error_record()
     for mode in ckpt_modes:
         try:
             with dh.timed(f"ckpt-{mode}"):
@@ -105,6 +109,59 @@ def child_cross_replica(tf, strategy):
                 "iterations": int(opt.iterations.numpy()),
                 "values": [v.numpy().tolist()
                            for v in strategy.experimental_local_results(var)]}
+    return out
+
+
+def child_replica_shape_mismatch(tf, strategy):
+    """One replica's gradient has a shape known only at run time that does not
+    fit the variable (dense rows, or sparse row width): the error, whether state
+    changed, and whether a good step still runs afterwards (a failed collective
+    would leave the strategy's collectives aborted)."""
+    import tf_adamax
+
+    out = {}
+    for kind in ("dense", "sparse"):
+        for jit in (True, False):
+            with strategy.scope():
+                var = tf.Variable(np.arange(8, dtype=np.float32).reshape(4, 2),
+                                  name="tbl")
+                opt = tf_adamax.Adamax(0.1, jit_compile=jit)
+                opt.build([var])
+
+            @tf.function
+            def step(bad, kind=kind, var=var, opt=opt):
+                def replica_fn():
+                    ctx = tf.distribute.get_replica_context()
+                    wrong = tf.logical_and(bad, tf.equal(
+                        ctx.replica_id_in_sync_group, 1))
+                    if kind == "dense":  # [1, 2] instead of [4, 2]
+                        grad = tf.ones(tf.stack([tf.where(wrong, 1, 4), 2]))
+                    else:  # rows of 3 instead of 2
+                        grad = tf.IndexedSlices(
+                            tf.ones(tf.stack([2, tf.where(wrong, 3, 2)])),
+                            tf.constant([0, 2]), tf.constant([4, 2]))
+                    opt.apply_gradients([(grad, var)])
+                strategy.run(replica_fn)
+
+            def state(var=var, opt=opt):
+                return [np.array(v).tolist() for v in
+                        strategy.experimental_local_results(var)] + [
+                    np.array(v).tolist() for v in opt.variables]
+
+            before = state()
+            try:
+                step(tf.constant(True))
+                error = None
+            except Exception as e:  # noqa: BLE001 - recorded for the test
+                error = f"{type(e).__name__}: {e}"
+            unchanged = state() == before
+            try:
+                step(tf.constant(False))
+                good = int(opt.iterations.numpy())
+            except Exception as e:  # noqa: BLE001
+                good = f"{type(e).__name__}: {str(e)[:300]}"
+            out[f"{kind}/jit={jit}"] = {"error": error, "unchanged": unchanged,
+                                        "good_step_iterations": good}
     return out
 
 
@@ -271,3 +328,17 @@ def test_apply_gradients_outside_strategy_run_is_a_clear_error(mirrored_results)
         assert "mirrored_w" in got["error"] and "strategy.run" in got["error"], case
         assert got["iterations"] == 0, case
         assert got["values"] == [[1.0, 2.0], [1.0, 2.0]], case
+
+
+def test_replica_gradient_of_wrong_run_time_shape_is_named_before_the_sum(
+        mirrored_results):
+    # Checked per replica before the cross-replica sum: otherwise the
+    # collective failed first, naming no variable, and stayed aborted.
+    rec = dh.check_record(mirrored_results["replica-shape"])
+    assert set(rec) == {f"{k}/jit={j}" for k in ("dense", "sparse")
+                        for j in (True, False)}
+    for case, got in rec.items():
+        assert got["error"] is not None, case
+        assert "tbl" in got["error"], (case, got["error"][:500])
+        assert got["unchanged"], case
+        assert got["good_step_iterations"] == 1, (case, got["good_step_iterations"])

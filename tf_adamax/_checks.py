@@ -103,6 +103,18 @@ def run_time_checks(grads_and_vars):
     return checks
 
 
+def after(checks, grads):
+    """`grads`, computed only once `checks` passed (for ops that consume
+    the gradients in another context, like a cross-replica sum)."""
+    if not checks:
+        return grads
+    with tf.control_dependencies(checks):
+        return [tf.IndexedSlices(tf.identity(g.values), tf.identity(g.indices),
+                                 g.dense_shape)
+                if isinstance(g, tf.IndexedSlices) else tf.identity(g)
+                for g in grads]
+
+
 def one_device(strategy, grads_and_vars):
     """The pairs with each aggregated gradient as one device holds it.
 

@@ -445,6 +445,14 @@ class Adamax(tf.Module):
         for v in variables:
             if not self._slots.has(v):
                 _distribute.check_same_strategy(self._strategy, v)
+        if (_distribute.in_replica_context()
+                and tf.distribute.get_strategy().num_replicas_in_sync > 1):
+            # Each replica's gradients are checked before they are summed: a
+            # shape known only at run time would otherwise reach the
+            # collective first, which fails naming no variable and leaves
+            # the strategy's collectives aborted for the process.
+            grads = _checks.after(
+                _checks.run_time_checks(list(zip(grads, variables))), grads)
         iterations = _distribute.merge(self._apply_cross_replica, grads,
                                        variables)
         if tf.inside_function():
