@@ -161,3 +161,35 @@ def check_no_retracing_warning(optimizer_class):
     finally:
         tf.get_logger().removeHandler(handler)
     assert not [r for r in records if "retracing" in r], records
+
+
+def check_many_variables_split_match_builtin(optimizer_class, builtin_class,
+                                            variable_class, monkeypatch):
+    """Without a strategy, the adapter cuts a long CPU variable list into one
+    XLA program per core, like the core (forced here at 6 variables); the
+    weights equal the built-in Adamax's, and each program is traced once."""
+    import tf_adamax._distribute as distribute
+
+    monkeypatch.setattr(distribute, "_MIN_VARIABLES_PER_PROGRAM", 2)
+    monkeypatch.setattr(distribute, "cores", lambda: 2)
+    rng = np.random.default_rng(5)
+    shapes = [(5, 3), (7,), (4, 2), (6, 3), (3,), (2, 5)]
+    init = [rng.normal(size=s).astype("float32") for s in shapes]
+    grads = [[rng.normal(size=s).astype("float32") for s in shapes]
+             for _ in range(3)]
+    def step_fn(opt, var_list):  # captured, not tf.function arguments
+        return tf.function(lambda gs: opt.apply_gradients(zip(gs, var_list)))
+
+    results = []
+    for cls in (optimizer_class, builtin_class):
+        var_list = [variable_class(x) for x in init]
+        opt = cls(learning_rate=0.05)
+        step = step_fn(opt, var_list)
+        for gs in grads:
+            step([tf.constant(g) for g in gs])
+        results.append([np.array(v) for v in var_list])
+        if cls is optimizer_class:
+            fns = opt._update_all_fn.fn.fns
+            assert [f.experimental_get_tracing_count() for f in fns] == [1, 1]
+    for ours, theirs in zip(*results):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)

@@ -24,7 +24,8 @@ from reference import AdamaxReference, SparseGrad
 from keras_cases import (
     BAD_PAIR_CASES, BAD_PAIR_OPTIONS, BATCH, DIM, EMB_LR, REPO_ROOT, TOKENS, VOCAB,
     assert_matches_reference, check_bad_pairs_change_nothing,
-    check_no_retracing_warning, check_zero_clip_is_off, child_env, dense_data,
+    check_many_variables_split_match_builtin, check_no_retracing_warning,
+    check_zero_clip_is_off, child_env, dense_data,
     embedding_batches, embedding_init, embedding_reference, token_regression_data)
 
 Adamax = tf_adamax.keras.Adamax
@@ -76,7 +77,8 @@ def test_dense_fit_matches_keras_adamax(mode):
     assert int(ours.optimizer.iterations.numpy()) == 20
     # Without a strategy the updates of all variables are one XLA program,
     # traced once.
-    assert ours.optimizer._update_all_fn.fn.experimental_get_tracing_count() == 1
+    fns = ours.optimizer._update_all_fn.fn.fns
+    assert [f.experimental_get_tracing_count() for f in fns] == [1]
     assert_same_weights(ours, theirs)
     # Slots: same values, same order as Keras's (drop-in checkpoints).
     for va, vb in zip(ours.optimizer.variables, theirs.optimizer.variables):
@@ -733,3 +735,8 @@ def test_apply_takes_variables_from_a_generator():
     opt.apply([tf.ones((2,))], (v for v in [var]))
     assert int(opt.iterations.numpy()) == 1
     np.testing.assert_allclose(np.array(var), [0.9, 0.9], rtol=1e-6)
+
+
+def test_many_variables_split_over_cores_match_builtin(monkeypatch):
+    check_many_variables_split_match_builtin(Adamax, keras.optimizers.Adamax, keras.Variable,
+                                             monkeypatch)

@@ -158,7 +158,7 @@ def test_many_variables_split_over_cores_match_reference(monkeypatch, rng, kwarg
     from conftest import AdamaxReference, SparseGrad, check_against_reference
 
     monkeypatch.setattr(tf_adamax._distribute, "_MIN_VARIABLES_PER_PROGRAM", 2)
-    monkeypatch.setattr(tf_adamax.optimizer, "_cores", lambda: 2)
+    monkeypatch.setattr(tf_adamax._distribute, "cores", lambda: 2)
     shapes = [(5, 3), (7,), (4, 2, 2), (6, 3), (3,), (2, 5)]
     dtypes = [np.float32, np.float64] * 3
     opt = tf_adamax.Adamax(0.05, **kwargs)

@@ -7,6 +7,8 @@ needs a private attribute, isolated in `_private`.
 
 from __future__ import annotations
 
+import functools
+import os
 import typing
 
 import tensorflow as tf
@@ -280,3 +282,40 @@ def split_for_cores(groups, variables, cores):
         if part:
             out.append(group._replace(positions=part))
     return out
+
+
+def cores():
+    """Threads TF runs independent ops on (0 configured means one per core)."""
+    return (tf.config.threading.get_inter_op_parallelism_threads()
+            or os.cpu_count() or 1)
+
+
+class CompiledParts:
+    """`fn(grads, variables, *args)` as one XLA program per part of the list.
+
+    For the Keras adapters' update without a strategy: the variables are
+    cut as `split_for_cores` cuts a CPU program of the core (a list of many
+    variables on CPU becomes one program per core, run concurrently in a
+    graph); anywhere else the list stays one program. Each part keeps its
+    own tf.function, so each is traced once. `fns` lists them.
+    """
+
+    def __init__(self, fn):
+        self._fn = fn
+        self.fns = []
+
+    def __call__(self, grads, variables, *args):
+        tf_vars = [unwrap(v) for v in variables]
+        devices = {getattr(v, "device", "") or "" for v in tf_vars}
+        group = Group(device=devices.pop() if len(devices) == 1 else "",
+                      positions=list(range(len(tf_vars))), replica=None)
+        parts = [g.positions
+                 for g in split_for_cores([group], tf_vars, cores())]
+        while len(self.fns) < len(parts):
+            # A partial each: TF counts traces per Python function and would
+            # warn of retracing once five programs had traced theirs.
+            self.fns.append(tf.function(functools.partial(self._fn),
+                                        jit_compile=True,
+                                        reduce_retracing=True))
+        for fn, part in zip(self.fns, parts):
+            fn([grads[i] for i in part], [variables[i] for i in part], *args)

@@ -12,12 +12,11 @@ sparse gradients for it (`Adamax.apply`).
 
 from __future__ import annotations
 
-import functools
-
 import keras
 import tensorflow as tf
 
 from tf_adamax import _checks
+from tf_adamax import _distribute
 from tf_adamax import _hyper
 from tf_adamax import _math
 from tf_adamax._untracked import Untracked
@@ -90,8 +89,9 @@ class Adamax(keras.optimizers.Optimizer):
     (`t` then counts updates, not calls, as in `keras.optimizers.Adamax`).
 
     Without a `tf.distribute` strategy the updates of all variables run as
-    one XLA program, also when `fit` itself is not compiled; under a
-    strategy Keras's per-variable updates run.
+    one XLA program (on CPU, a list of 64 or more as one program per core),
+    also when `fit` itself is not compiled; under a strategy Keras's
+    per-variable updates run.
 
     Args:
       learning_rate: A float, a `keras.optimizers.schedules.LearningRateSchedule`,
@@ -247,7 +247,8 @@ class Adamax(keras.optimizers.Optimizer):
 
     def _distributed_tf_update_step(self, distribution, grads_and_vars,
                                     learning_rate):
-        """Runs `update_step` for every variable in ONE XLA program.
+        """Runs `update_step` for every variable in ONE XLA program (one per
+        core for a long list on CPU, `_distribute.CompiledParts`).
 
         Keras 3 (private hook of its TensorFlow optimizer) runs the updates
         variable by variable, as separate TF ops unless the whole train step
@@ -261,12 +262,11 @@ class Adamax(keras.optimizers.Optimizer):
             return super()._distributed_tf_update_step(
                 distribution, grads_and_vars, learning_rate)
         if self._update_all_fn is None:
-            # Kept out of Keras's attribute tracking (and SavedModel).
-            # (A partial: TF counts traces per Python function and would
-            # warn of retracing once five optimizers had traced theirs.)
-            self._update_all_fn = Untracked(fn=tf.function(
-                functools.partial(self._update_all), jit_compile=True,
-                reduce_retracing=True))
+            # Kept out of Keras's attribute tracking (and SavedModel). A
+            # long list on CPU is cut into one program per core, as in the
+            # core optimizer.
+            self._update_all_fn = Untracked(
+                fn=_distribute.CompiledParts(self._update_all))
         grads, variables = zip(*grads_and_vars)
         self._update_all_fn.fn(
             list(grads), list(variables),

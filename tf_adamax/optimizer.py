@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import warnings
 
 from google.protobuf import wrappers_pb2
@@ -495,7 +494,8 @@ class Adamax(tf.Module):
         self.build(variables)
         groups, replicated = _distribute.plan(strategy, variables)
         if self._jit_compile and self._config.global_clipnorm is None:
-            groups = _distribute.split_for_cores(groups, variables, _cores())
+            groups = _distribute.split_for_cores(groups, variables,
+                                                  _distribute.cores())
         global_norm = None
         if (self._config.global_clipnorm is not None and len(groups) > 1
                 and not replicated):
@@ -737,9 +737,3 @@ def _kind(learning_rate):
     if callable(learning_rate):
         return "a callable"
     return "a float"
-
-
-def _cores():
-    """Threads TF runs independent ops on (0 configured means one per core)."""
-    return (tf.config.threading.get_inter_op_parallelism_threads()
-            or os.cpu_count() or 1)

@@ -10,13 +10,13 @@ clipping, weight decay, EMA, mixed-precision loss scaling and
 
 from __future__ import annotations
 
-import functools
 import os
 
 import tensorflow as tf
 import tf_keras
 
 from tf_adamax import _checks
+from tf_adamax import _distribute
 from tf_adamax import _hyper
 from tf_adamax import _math
 from tf_adamax._untracked import Untracked
@@ -80,7 +80,8 @@ class Adamax(tf_keras.optimizers.Optimizer):
       ema_overwrite_frequency: If set with `use_ema`, overwrite the weights
         with their EMA every this many steps.
       jit_compile: Compile the update of all variables as one XLA program
-        (on any device). Under a `tf.distribute` strategy or with `use_ema`,
+        (on any device; on CPU, a list of 64 or more variables as one
+        program per core). Under a `tf.distribute` strategy or with `use_ema`,
         tf-keras's per-variable update runs instead, compiled per variable
         only when a GPU is present, as in tf-keras. (`model.compile(
         jit_compile=True)` compiles the whole train step regardless.)
@@ -210,7 +211,8 @@ class Adamax(tf_keras.optimizers.Optimizer):
 
     def _distributed_apply_gradients_fn(self, distribution, grads_and_vars,
                                         **kwargs):
-        """Runs `update_step` for every variable in ONE XLA program.
+        """Runs `update_step` for every variable in ONE XLA program (one per
+        core for a long list on CPU, `_distribute.CompiledParts`).
 
         tf-keras (private hook) updates variable by variable, compiling each
         with XLA only when a GPU is present. With `jit_compile=True`, no
@@ -226,11 +228,10 @@ class Adamax(tf_keras.optimizers.Optimizer):
             return super()._distributed_apply_gradients_fn(
                 distribution, grads_and_vars, **kwargs)
         if self._update_all_fn is None:
-            # (A partial: TF counts traces per Python function and would
-            # warn of retracing once five optimizers had traced theirs.)
-            self._update_all_fn = Untracked(fn=tf.function(
-                functools.partial(self._update_all), jit_compile=True,
-                reduce_retracing=True))
+            # A long list on CPU is cut into one program per core, as in
+            # the core optimizer.
+            self._update_all_fn = Untracked(
+                fn=_distribute.CompiledParts(self._update_all))
         grads, variables = zip(*grads_and_vars)
         self._update_all_fn.fn(list(grads), list(variables))
         # With no pairs left, tf-keras only increments `iterations` (ordered
