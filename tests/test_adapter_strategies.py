@@ -143,6 +143,28 @@ def child_adapters(strategies, libs, bad_cases):
                     after = values(opt, table, bias)
                     rec[f"{case}:unchanged"] = all(
                         np.array_equal(a, b) for a, b in zip(before, after))
+    # Without a strategy, variables on another device than the optimizer's
+    # own (iterations, learning rate): the compiled update runs on theirs.
+    for lib in libs:
+        opt_class, var_class = adapters[lib]
+        for graph in (False, True):
+            with tf.device("/CPU:1"):
+                far = var_class(np.array([1.0, 2.0], "float32"), name="far_w")
+            opt = opt_class(learning_rate=LR)
+
+            def step(opt=opt, far=far):  # called bare: no tf.function args
+                opt.apply_gradients([(tf.constant([1.0, -1.0]), far)])
+
+            if graph:
+                step = tf.function(lambda step=step: step())
+            try:
+                for _ in range(2):
+                    step()
+                got = np.array(far).tolist()
+            except Exception as e:  # noqa: BLE001 - recorded
+                got = f"{type(e).__name__}: {str(e)[:300]}"
+            results[f"device-{lib}-{'function' if graph else 'eager'}"] = {
+                "values": got, "iterations": int(np.array(opt.iterations))}
     return results
 
 
@@ -203,3 +225,20 @@ def test_adapter_under_strategy_rejects_bad_pairs_and_changes_nothing(
         expected = "out of range" if case == "out_of_range" else "shape"
         assert expected in error, (case, error)
         assert rec[f"{case}:unchanged"], (case, error)
+
+
+@pytest.mark.parametrize("lib", LIBS)
+@pytest.mark.parametrize("graph", ["eager", "function"])
+def test_adapter_updates_a_variable_on_another_device(adapter_results, lib,
+                                                      graph):
+    # The built-ins can; the compiled update used to read the optimizer's
+    # step inside the program, on the variable's device (a cross-device
+    # resource error).
+    rec = dh.check_record(adapter_results[f"device-{lib}-{graph}"])
+    assert not isinstance(rec["values"], str), rec["values"]
+    ref = AdamaxReference(learning_rate=LR)
+    ref.add_variable("far", np.array([1.0, 2.0]), np.float32)
+    for _ in range(2):
+        ref.apply({"far": np.array([1.0, -1.0])})
+    np.testing.assert_allclose(rec["values"], ref.w["far"], rtol=1e-6)
+    assert rec["iterations"] == 2

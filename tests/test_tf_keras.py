@@ -499,3 +499,21 @@ def test_docstring_examples_run():
 def test_many_variables_split_over_cores_match_builtin(monkeypatch):
     check_many_variables_split_match_builtin(Adamax, tf_keras.optimizers.Adamax, tf.Variable,
                                              monkeypatch)
+
+
+def test_unknown_variable_with_split_update_changes_nothing(monkeypatch):
+    # tf-keras raises for a variable the optimizer was not built with while
+    # tracing the part that holds it; no other part may have run before.
+    import tf_adamax._distribute as distribute
+
+    monkeypatch.setattr(distribute, "_MIN_VARIABLES_PER_PROGRAM", 2)
+    monkeypatch.setattr(distribute, "cores", lambda: 2)
+    known = [tf.Variable(np.full((3,), i + 1.0, "float32")) for i in range(4)]
+    unknown = tf.Variable(np.ones((3,), "float32"), name="unbuilt_w")
+    opt = Adamax(learning_rate=0.1)
+    opt.build(known)
+    before = [v.numpy().copy() for v in known + opt.variables]
+    with pytest.raises(KeyError):
+        opt.apply_gradients([(tf.ones((3,)), v) for v in known + [unknown]])
+    for b, v in zip(before, known + opt.variables):
+        np.testing.assert_array_equal(v.numpy(), b)

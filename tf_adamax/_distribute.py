@@ -291,13 +291,14 @@ def cores():
 
 
 class CompiledParts:
-    """`fn(grads, variables, *args)` as one XLA program per part of the list.
+    """`fn(grads, variables, *args)` as one XLA program per device and part.
 
     For the Keras adapters' update without a strategy: the variables are
-    cut as `split_for_cores` cuts a CPU program of the core (a list of many
-    variables on CPU becomes one program per core, run concurrently in a
-    graph); anywhere else the list stays one program. Each part keeps its
-    own tf.function, so each is traced once. `fns` lists them.
+    grouped by device, each program placed on its group's device, and a
+    long list on CPU is cut as `split_for_cores` cuts the core's programs
+    (one per core, run concurrently in a graph). Each part keeps its own
+    tf.function, so each is traced once; all are traced before any runs,
+    so an error while tracing one part changes nothing. `fns` lists them.
     """
 
     def __init__(self, fn):
@@ -306,16 +307,25 @@ class CompiledParts:
 
     def __call__(self, grads, variables, *args):
         tf_vars = [unwrap(v) for v in variables]
-        devices = {getattr(v, "device", "") or "" for v in tf_vars}
-        group = Group(device=devices.pop() if len(devices) == 1 else "",
-                      positions=list(range(len(tf_vars))), replica=None)
-        parts = [g.positions
-                 for g in split_for_cores([group], tf_vars, cores())]
+        by_device = {}
+        for i, v in enumerate(tf_vars):
+            by_device.setdefault(getattr(v, "device", "") or "", []).append(i)
+        groups = [Group(device=d, positions=p, replica=None)
+                  for d, p in by_device.items()]
+        parts = split_for_cores(groups, tf_vars, cores())
         while len(self.fns) < len(parts):
             # A partial each: TF counts traces per Python function and would
             # warn of retracing once five programs had traced theirs.
             self.fns.append(tf.function(functools.partial(self._fn),
                                         jit_compile=True,
                                         reduce_retracing=True))
-        for fn, part in zip(self.fns, parts):
-            fn([grads[i] for i in part], [variables[i] for i in part], *args)
+        calls = [(fn, part.device or None,
+                  [grads[i] for i in part.positions],
+                  [variables[i] for i in part.positions])
+                 for fn, part in zip(self.fns, parts)]
+        for fn, device, part_grads, part_vars in calls:
+            with tf.device(device):
+                fn.get_concrete_function(part_grads, part_vars, *args)
+        for fn, device, part_grads, part_vars in calls:
+            with tf.device(device):
+                fn(part_grads, part_vars, *args)

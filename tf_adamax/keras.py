@@ -204,6 +204,15 @@ class Adamax(keras.optimizers.Optimizer):
             self._u.append(self._add_slot(variable, "norm"))
 
     def _add_slot(self, variable, slot_name):
+        if tf.distribute.has_strategy():
+            return self._new_slot(variable, slot_name)
+        # Without a strategy Keras's colocation is lost when the slot is
+        # created inside a tf.function (the first train step): on the
+        # variable's device, the compiled update can reach both.
+        with tf.device(_tf_variable(variable).device or None):
+            return self._new_slot(variable, slot_name)
+
+    def _new_slot(self, variable, slot_name):
         dtype = _math.compute_dtype(variable.dtype)
         if dtype == tf.as_dtype(variable.dtype):
             return self.add_variable_from_reference(variable, name=slot_name)
@@ -231,19 +240,22 @@ class Adamax(keras.optimizers.Optimizer):
           variable: the model variable (`tf.Variable` or `keras.Variable`).
           learning_rate: this step's learning rate.
         """
+        self._apply_one(gradient, variable, learning_rate,
+                        tf.cast(self.iterations, tf.int64) + 1)
+
+    def _apply_one(self, gradient, variable, learning_rate, step):
         index = self._get_variable_index(variable)
-        var = _tf_variable(variable)
-        m = _tf_variable(self._m[index])
-        u = _tf_variable(self._u[index])
         hyper = _math.Hyper(
             learning_rate=learning_rate,
             beta_1=self.beta_1,
             beta_2=self.beta_2,
             epsilon=self.epsilon,
-            step=tf.cast(self.iterations, tf.int64) + 1,
+            step=step,
             weight_decay=None,  # Keras 3 applied it before this call
         )
-        _math.apply_gradient(var, m, u, gradient, hyper, self.sparse_mode)
+        _math.apply_gradient(
+            _tf_variable(variable), _tf_variable(self._m[index]),
+            _tf_variable(self._u[index]), gradient, hyper, self.sparse_mode)
 
     def _distributed_tf_update_step(self, distribution, grads_and_vars,
                                     learning_rate):
@@ -268,13 +280,17 @@ class Adamax(keras.optimizers.Optimizer):
             self._update_all_fn = Untracked(
                 fn=_distribute.CompiledParts(self._update_all))
         grads, variables = zip(*grads_and_vars)
+        # The rate and step are read here, not in the programs: those run on
+        # their variables' devices, and the optimizer's own variables may
+        # live elsewhere.
         self._update_all_fn.fn(
             list(grads), list(variables),
-            tf.convert_to_tensor(_tf_variable(learning_rate)))
+            tf.convert_to_tensor(_tf_variable(learning_rate)),
+            tf.cast(self.iterations, tf.int64) + 1)
 
-    def _update_all(self, grads, variables, learning_rate):
+    def _update_all(self, grads, variables, learning_rate, step):
         for grad, variable in zip(grads, variables):
-            self.update_step(grad, variable, learning_rate)
+            self._apply_one(grad, variable, learning_rate, step)
 
     def apply(self, grads, trainable_variables=None):
         """Applies gradients (see `keras.optimizers.Optimizer.apply`).

@@ -197,17 +197,21 @@ class Adamax(tf_keras.optimizers.Optimizer):
           gradient: a dense tensor or a `tf.IndexedSlices`.
           variable: the model variable.
         """
+        self._apply_one(gradient, variable, self.learning_rate,
+                        self.iterations + 1)
+
+    def _apply_one(self, gradient, variable, learning_rate, step):
         index = self._index_dict[self._var_key(variable)]
-        m, u = self._m[index], self._u[index]
         hyper = _math.Hyper(
-            learning_rate=self.learning_rate,
+            learning_rate=learning_rate,
             beta_1=self.beta_1,
             beta_2=self.beta_2,
             epsilon=self.epsilon,
-            step=self.iterations + 1,
+            step=step,
             weight_decay=None,  # tf-keras applied it before this call
         )
-        _math.apply_gradient(variable, m, u, gradient, hyper, self.sparse_mode)
+        _math.apply_gradient(variable, self._m[index], self._u[index],
+                             gradient, hyper, self.sparse_mode)
 
     def _distributed_apply_gradients_fn(self, distribution, grads_and_vars,
                                         **kwargs):
@@ -233,7 +237,12 @@ class Adamax(tf_keras.optimizers.Optimizer):
             self._update_all_fn = Untracked(
                 fn=_distribute.CompiledParts(self._update_all))
         grads, variables = zip(*grads_and_vars)
-        self._update_all_fn.fn(list(grads), list(variables))
+        # The rate and step are read here, not in the programs: those run on
+        # their variables' devices, and the optimizer's own variables may
+        # live elsewhere.
+        self._update_all_fn.fn(list(grads), list(variables),
+                               tf.convert_to_tensor(self.learning_rate),
+                               self.iterations + 1)
         # With no pairs left, tf-keras only increments `iterations` (ordered
         # after the update's read of it by TF's automatic control deps).
         return super()._distributed_apply_gradients_fn(distribution, [],
@@ -253,9 +262,9 @@ class Adamax(tf_keras.optimizers.Optimizer):
         with tf.control_dependencies(checks):
             return super().apply_gradients(grads_and_vars, *args, **kwargs)
 
-    def _update_all(self, grads, variables):
+    def _update_all(self, grads, variables, learning_rate, step):
         for grad, variable in zip(grads, variables):
-            self._update_step(grad, variable)
+            self._apply_one(grad, variable, learning_rate, step)
 
     def _clip_gradients(self, grads):
         # tf-keras's hook between gradient aggregation and clipping (private,
