@@ -290,11 +290,23 @@ def cores():
             or os.cpu_count() or 1)
 
 
+def compiled(fn):
+    """`fn` as a tf.function compiled with XLA, one per call of this.
+
+    Over a `functools.partial`: TF counts traces per Python function, and
+    would warn of retracing once five optimizers (or programs) wrapping the
+    same function had each traced theirs once.
+    """
+    return tf.function(functools.partial(fn), jit_compile=True,
+                       reduce_retracing=True)
+
+
 class CompiledParts:
     """`fn(grads, variables, *args)` as one XLA program per device and part.
 
     For the Keras adapters' update without a strategy: the variables are
-    grouped by device, each program placed on its group's device, and a
+    grouped by device, each program placed on its group's device (so `fn`
+    must get the optimizer's own state, step and rate, as `args`), and a
     long list on CPU is cut as `split_for_cores` cuts the core's programs
     (one per core, run concurrently in a graph). Each part keeps its own
     tf.function, so each is traced once; all are traced before any runs,
@@ -314,18 +326,16 @@ class CompiledParts:
                   for d, p in by_device.items()]
         parts = split_for_cores(groups, tf_vars, cores())
         while len(self.fns) < len(parts):
-            # A partial each: TF counts traces per Python function and would
-            # warn of retracing once five programs had traced theirs.
-            self.fns.append(tf.function(functools.partial(self._fn),
-                                        jit_compile=True,
-                                        reduce_retracing=True))
+            self.fns.append(compiled(self._fn))
         calls = [(fn, part.device or None,
                   [grads[i] for i in part.positions],
                   [variables[i] for i in part.positions])
                  for fn, part in zip(self.fns, parts)]
+        traced = []
         for fn, device, part_grads, part_vars in calls:
             with tf.device(device):
-                fn.get_concrete_function(part_grads, part_vars, *args)
-        for fn, device, part_grads, part_vars in calls:
+                traced.append(fn.get_concrete_function(part_grads, part_vars,
+                                                       *args))
+        for concrete, (_, device, part_grads, part_vars) in zip(traced, calls):
             with tf.device(device):
-                fn(part_grads, part_vars, *args)
+                concrete(part_grads, part_vars, *args)

@@ -7,7 +7,6 @@ list of variables); the strategy glue in `_distribute`.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import warnings
@@ -143,11 +142,7 @@ class Adamax(tf.Module):
         self._fns = Untracked(
             config=config,
             strategy=_distribute.current_strategy(),
-            # A partial per optimizer: TF counts retraces per Python
-            # function, and would warn of "retracing" once five optimizers
-            # had each traced their own update once.
-            update=tf.function(functools.partial(_step.apply_step),
-                               jit_compile=True, reduce_retracing=True)
+            update=_distribute.compiled(_step.apply_step)
             if jit_compile else _step.apply_step,
             warned_none=False,
             traced=False,  # a step was traced in a tf.function
@@ -206,22 +201,20 @@ class Adamax(tf.Module):
                    else self._learning_rate)
         if learning_rate is current:
             return  # the same object: nothing changes
-        plain = not (_hyper.is_schedule(learning_rate)
-                     or callable(learning_rate)
-                     or isinstance(learning_rate, tf.Variable))
-        if plain and self._lr_source is None and not self._user_lr_var():
-            return  # assigned to the variable the traced step reads
-        was = (_kind(self._lr_source) if self._lr_source is not None
-               else "your tf.Variable" if self._user_lr_var() else "a float")
-        if self._lr_source is None and self._user_lr_var():
-            fix = ("To change it, assign to your variable "
-                   "(`variable.assign(new_rate)`); the traced step reads it.")
-        elif self._lr_source is None:
-            fix = ("To change it during training, set another float: it is "
-                   "assigned to the rate variable the traced step reads.")
-        else:
+        if self._lr_source is not None:
+            was = _kind(self._lr_source)
             fix = ("To change the rate during training, construct the "
                    "optimizer with a float (or your own tf.Variable) instead.")
+        elif self._user_lr_var():
+            was = "your tf.Variable"
+            fix = ("To change it, assign to your variable "
+                   "(`variable.assign(new_rate)`); the traced step reads it.")
+        elif _kind(learning_rate) == "a float":
+            return  # assigned to the variable the traced step reads
+        else:
+            was = "a float"
+            fix = ("To change it during training, set another float: it is "
+                   "assigned to the rate variable the traced step reads.")
         raise TypeError(
             f"Cannot set learning_rate to {_kind(learning_rate)} after a "
             "tf.function applied a step with this optimizer: that function "

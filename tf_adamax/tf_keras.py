@@ -237,9 +237,7 @@ class Adamax(tf_keras.optimizers.Optimizer):
             self._update_all_fn = Untracked(
                 fn=_distribute.CompiledParts(self._update_all))
         grads, variables = zip(*grads_and_vars)
-        # The rate and step are read here, not in the programs: those run on
-        # their variables' devices, and the optimizer's own variables may
-        # live elsewhere.
+        # Rate and step read here: the programs run on the variables' devices.
         self._update_all_fn.fn(list(grads), list(variables),
                                tf.convert_to_tensor(self.learning_rate),
                                self.iterations + 1)
