@@ -148,7 +148,8 @@ def check_zero_clip_is_off(optimizer_class, arg):
 
 def check_no_retracing_warning(optimizer_class):
     """Each optimizer compiles its own update; TF counts traces per Python
-    function, so a shared bound method warned after five optimizers."""
+    function, so a shared function or bound method warned after five
+    optimizers (any optimizer class: the core's test uses it too)."""
     records = []
     handler = type("H", (logging.Handler,), {
         "emit": lambda self, r: records.append(r.getMessage())})()
