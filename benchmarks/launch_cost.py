@@ -101,6 +101,23 @@ def competitors(n):
     return out
 
 
+def round_robin(fns, reps, steps, per=1):
+    """Warms up each zero-argument function, then times `reps` rounds of
+    `steps` calls of each, in turn (load hits all alike). Returns
+    name -> samples, microseconds per call divided by `per`."""
+    for fn in fns.values():  # trace, compile, warm up
+        for _ in range(3):
+            fn()
+    samples = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            samples[name].append((time.perf_counter() - t) / steps / per * 1e6)
+    return samples
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--counts", default="25,50,100,200,400")
@@ -111,19 +128,8 @@ def main(argv=None):
     started = time.time()
     rows = []
     for n in counts:
-        fns = competitors(n)
-        for fn in fns.values():  # trace, compile, warm up
-            for _ in range(3):
-                fn()
         steps = max(5, 4000 // n)
-        samples = {name: [] for name in fns}
-        for _ in range(args.reps):  # round-robin: load hits all alike
-            for name, fn in fns.items():
-                t = time.perf_counter()
-                for _ in range(steps):
-                    fn()
-                samples[name].append(
-                    (time.perf_counter() - t) / steps / n * 1e6)
+        samples = round_robin(competitors(n), args.reps, steps, per=n)
         med = {name: statistics.median(s) for name, s in samples.items()}
         rows.append({"variables": n, "steps_per_rep": steps,
                      "us_per_variable": med, "samples_us": samples,
