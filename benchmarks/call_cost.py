@@ -27,8 +27,6 @@ test.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -44,7 +42,7 @@ import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
 
 import tf_adamax  # noqa: E402
-from launch_cost import round_robin  # noqa: E402
+from launch_cost import round_robin, save  # noqa: E402
 
 
 def empty_steps():
@@ -91,22 +89,10 @@ def main(argv=None):
         print(f"n={n:8d}  " + "  ".join(f"{k} {v:8.1f}" for k, v in med.items())
               + f"   core/legacy {med['core'] / med['legacy']:.3f}"
               + f"  core+xla/legacy {med['core+xla'] / med['legacy']:.3f}", flush=True)
-    record = {
-        "command": "python benchmarks/call_cost.py " + " ".join(
-            argv if argv is not None else sys.argv[1:]),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"),
-        "wall_seconds": round(time.time() - started, 1),
-        "load_avg_end": list(os.getloadavg()),
-        "versions": {"tensorflow": tf.__version__, "tf_keras": tf_keras.__version__},
+    save(args.out, "call_cost", argv, started, {
         "unit": "microseconds per call (median over interleaved reps)",
         "rows": rows,
-    }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "call_cost.json")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
-    print("wrote", path)
+    })
 
 
 if __name__ == "__main__":

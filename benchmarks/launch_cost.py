@@ -118,6 +118,27 @@ def round_robin(fns, reps, steps, per=1):
     return samples
 
 
+def save(out_dir, name, argv, started, fields):
+    """Writes `fields` and the run's command, date, duration, load and versions
+    to `out_dir`/`name`.json."""
+    record = {
+        "command": f"python benchmarks/{name}.py " + " ".join(
+            argv if argv is not None else sys.argv[1:]),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"),
+        "wall_seconds": round(time.time() - started, 1),
+        "load_avg_end": list(os.getloadavg()),
+        "versions": {"tensorflow": tf.__version__,
+                     "tf_keras": tf_keras.__version__},
+        **fields,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    print("wrote", path)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--counts", default="25,50,100,200,400")
@@ -137,24 +158,11 @@ def main(argv=None):
         print(f"N={n:4d}  " + "  ".join(
             f"{k} {v:6.2f}" for k, v in med.items())
             + f"   core/legacy {med['core'] / med['legacy']:.3f}", flush=True)
-    record = {
-        "command": "python benchmarks/launch_cost.py " + " ".join(
-            argv if argv is not None else sys.argv[1:]),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"),
-        "wall_seconds": round(time.time() - started, 1),
-        "load_avg_end": list(os.getloadavg()),
-        "versions": {"tensorflow": tf.__version__,
-                     "tf_keras": tf_keras.__version__},
+    save(args.out, "launch_cost", argv, started, {
         "unit": "microseconds per variable per step (median over reps)",
         "shape": list(SHAPE),
         "rows": rows,
-    }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "launch_cost.json")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
-    print("wrote", path)
+    })
 
 
 if __name__ == "__main__":
