@@ -171,6 +171,29 @@ class _HalvingSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return 0.2 * 0.5 ** tf.cast(step, tf.float32)
 
 
+def _user_schedule(keras_module, register):
+    """A user's schedule class for `keras_module` (Keras 3 or tf-keras),
+    registered with a config, as a user would write it."""
+
+    @register(package="tf_adamax_tests")
+    class UserSchedule(keras_module.optimizers.schedules.LearningRateSchedule):
+        def __init__(self, rate):
+            self.rate = rate
+
+        def __call__(self, step):
+            return self.rate / (1.0 + tf.cast(step, tf.float32))
+
+        def get_config(self):
+            return {"rate": self.rate}
+
+    return UserSchedule
+
+
+UserKeras3Schedule = _user_schedule(keras, keras.saving.register_keras_serializable)
+UserTfKerasSchedule = _user_schedule(tf_keras,
+                                     tf_keras.utils.register_keras_serializable)
+
+
 SAVED_CONFIGS = {
     "options": dict(learning_rate=0.5, beta_1=0.5, sparse_mode="lazy",
                     weight_decay=0.1, use_ema=True, ema_overwrite_frequency=3),
@@ -179,6 +202,8 @@ SAVED_CONFIGS = {
     "tensor_beta": dict(beta_1=tf.Variable(0.8), gradient_accumulation_steps=2),
     "callable_lr": dict(learning_rate=lambda: 0.3),
     "custom_schedule": dict(learning_rate=_HalvingSchedule()),
+    "user_keras3_schedule": dict(learning_rate=UserKeras3Schedule(0.4)),
+    "user_tf_keras_schedule": dict(learning_rate=UserTfKerasSchedule(0.4)),
 }
 LOST_LEARNING_RATE = ("callable_lr", "custom_schedule")
 
@@ -229,11 +254,16 @@ def _config_case(name):
     if name == "tf_keras_schedule":
         return dict(base, learning_rate=tf_keras.optimizers.schedules.ExponentialDecay(
             0.02, 2, 0.5), global_clipnorm=1.0)
+    if name == "user_keras3_schedule":
+        return dict(base, learning_rate=UserKeras3Schedule(0.05))
+    if name == "user_tf_keras_schedule":
+        return dict(base, learning_rate=UserTfKerasSchedule(0.05))
     raise AssertionError(name)
 
 
 @pytest.mark.parametrize("case", ("float_kwargs", "keras3_schedule",
-                                  "tf_keras_schedule"))
+                                  "tf_keras_schedule", "user_keras3_schedule",
+                                  "user_tf_keras_schedule"))
 def test_from_config_gives_identical_trajectory(case):
     opt = tf_adamax.Adamax(**_config_case(case))
     config = opt.get_config()

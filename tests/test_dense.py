@@ -199,3 +199,43 @@ def test_variable_added_after_first_steps(mode, rng):
         ref.apply(dict(enumerate(grads)))
         check_against_reference(opt, [v0, v1], ref, [0, 1])
     assert int(opt.iterations.numpy()) == 7
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("holder", ("tf.Variable", "keras3 layer"))
+def test_variable_constraint_projects_after_each_update(holder, mode, rng):
+    """As every Keras optimizer: `var.constraint` is assigned after the
+    update (here a clip to [0, 0.5] after steps that move weights by ~lr)."""
+    import keras
+
+    from reference import dense_step
+
+    lo, hi, lr = 0.0, 0.5, 0.3
+    w0 = rng.uniform(0.1, 0.9, (3, 2)).astype(np.float32)
+    if holder == "tf.Variable":
+        var = tf.Variable(w0, constraint=lambda x: tf.clip_by_value(x, lo, hi))
+    else:
+        class Clip(keras.constraints.Constraint):
+            def __call__(self, w):
+                return keras.ops.clip(w, lo, hi)
+
+        layer = keras.layers.Dense(2, kernel_constraint=Clip(), use_bias=False)
+        layer.build((None, 3))
+        layer.kernel.assign(w0)
+        var = layer.kernel
+    opt = make_optimizer(mode, learning_rate=lr)
+    step = make_step(opt, mode, [var])
+    w, m, u = w0.astype(np.float64), np.zeros((3, 2)), np.zeros((3, 2))
+    for t in range(1, 4):
+        g = rng.standard_normal((3, 2)).astype(np.float32)
+        step([tf.constant(g)])
+        w, m, u = dense_step(w, m, u, g.astype(np.float64), lr, 0.9, 0.999,
+                             1e-7, t)
+        w = np.clip(w, lo, hi).astype(np.float32).astype(np.float64)
+        m, u = (x.astype(np.float32).astype(np.float64) for x in (m, u))
+        np.testing.assert_allclose(to_numpy(var), w, rtol=1e-6, atol=1e-6,
+                                   err_msg=f"step {t}")
+        np.testing.assert_allclose(to_numpy(opt.get_slot(var, "momentum")), m,
+                                   rtol=1e-6, atol=1e-6)
+    assert (to_numpy(var) == lo).any() or (to_numpy(var) == hi).any(), \
+        "the test's steps never reached the constraint's bounds"

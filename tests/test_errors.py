@@ -122,6 +122,39 @@ def test_integer_variable_names_variable(mode):
     np.testing.assert_array_equal(counter.numpy(), [1, 2, 3])
 
 
+@pytest.mark.parametrize("sparse", (False, True))
+@pytest.mark.parametrize("shape", ([None, 3], None))
+@pytest.mark.parametrize("mode", ("eager", "function"))
+def test_variable_of_unknown_shape_names_variable(mode, shape, sparse):
+    """Slots take their variable's shape: one not fully defined is refused
+    up front, before a new variable listed first gets slots."""
+    opt, (a, b, emb) = _trained(mode)
+    fresh = tf.Variable(tf.ones((2, 3)), name="fresh_w")
+    partial = tf.Variable(tf.ones((4, 3)), shape=tf.TensorShape(shape),
+                          name="partial_w")
+    grad = (_slices([1, 1], np.ones((2, 3))) if sparse else tf.ones((4, 3)))
+    before = snapshot(opt, [a, b, emb])
+    count = len(opt.variables)
+    with pytest.raises(ValueError, match=_mentions("partial_w", "shape")):
+        _call(opt, mode, [(tf.ones((2, 3)), fresh), (grad, partial)])
+    assert_same_state(before, snapshot(opt, [a, b, emb]))
+    assert len(opt.variables) == count
+    np.testing.assert_array_equal(fresh.numpy(), np.ones((2, 3)))
+    with pytest.raises(ValueError, match="partial_w"):
+        opt.build([partial])
+
+
+@pytest.mark.parametrize("mode", ("eager", "function"))
+def test_float_sparse_indices_name_variable(mode):
+    opt, (a, b, emb) = _trained(mode)
+    before = snapshot(opt, [a, b, emb])
+    bad = tf.IndexedSlices(tf.ones((2, 3)), tf.constant([0.0, 1.0]))
+    with pytest.raises(TypeError, match=_mentions("table_e", "indices",
+                                                  "float32")):
+        _call(opt, mode, [(tf.ones((5, 3)), a), (bad, emb)])
+    assert_same_state(before, snapshot(opt, [a, b, emb]))
+
+
 @pytest.mark.parametrize("mode", ("eager", "function"))
 def test_integer_variable_without_gradient_names_variable(mode):
     # tape.gradient gives None for an integer variable: it must not be

@@ -28,6 +28,12 @@ def check_variable(var):
             f"Expected a tf.Variable to update, got {type(var).__name__}: "
             f"{var!r}.")
     check_float(var)
+    if not var.shape.is_fully_defined():
+        raise ValueError(
+            f"Variable {var.name!r} has shape {var.shape}, which is not "
+            "fully defined; Adamax creates slots of its variables' shape. "
+            "Create the variable with its full shape (drop `shape=` with "
+            "None dimensions).")
 
 
 def check_float(var):
@@ -53,6 +59,11 @@ def check_pair(grad, var):
                 f"shape {values_shape[1:]}, but the variable's rows have "
                 f"shape {var.shape[1:]}: pass gradients in the same order as "
                 "their variables.")
+        if grad.indices.dtype not in (tf.int32, tf.int64):
+            raise TypeError(
+                f"IndexedSlices gradient for variable {name!r} has indices "
+                f"of dtype {grad.indices.dtype.name}; expected int32 or "
+                "int64 row indices.")
         if grad.indices.shape.rank not in (None, 1):
             raise ValueError(
                 f"IndexedSlices gradient for variable {name!r} has indices "

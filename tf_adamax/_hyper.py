@@ -188,7 +188,10 @@ def deserialize_schedule(value):
 
 
 def _keras_of(cls):
-    root = cls.__module__.split(".")[0]
+    """The Keras generation whose `LearningRateSchedule` `cls` derives from
+    (a user's subclass lives in the user's module)."""
+    bases = [c for c in cls.__mro__ if c.__name__ == "LearningRateSchedule"]
+    root = bases[0].__module__.split(".")[0] if bases else cls.__module__
     if root not in ("keras", "tf_keras"):
         raise ValueError(
             f"Cannot serialize learning-rate schedule {cls.__name__} from "

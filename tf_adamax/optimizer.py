@@ -521,6 +521,14 @@ class Adamax(tf.Module):
                          for i in group.positions],
                         [decays[i] for i in group.positions],
                         iteration, lr, global_norm)
+                    # As every Keras optimizer: a variable's constraint
+                    # projects it after each update (the whole variable,
+                    # also in lazy mode).
+                    for i in group.positions:
+                        _apply_constraint(
+                            variables[i],
+                            _distribute.component(strategy, states[i].var,
+                                                  group))
             # Also after the index checks: a failed check changes nothing.
             self._iterations.assign_add(1, read_value=False)
         return self._iterations
@@ -658,7 +666,9 @@ class Adamax(tf.Module):
         """
         try:
             learning_rate = self._lr_config()
-        except ValueError:  # a schedule Keras cannot serialize
+        # A schedule Keras cannot serialize: not from Keras (ValueError), or
+        # without get_config (NotImplementedError).
+        except (ValueError, TypeError, NotImplementedError):
             learning_rate = None
         if learning_rate is None or callable(learning_rate):
             learning_rate = _LOST
@@ -713,6 +723,15 @@ def _plain(value):
         return value
     static = tf.get_static_value(value)
     return float(static) if static is not None else value
+
+
+def _apply_constraint(var, component):
+    """Assigns `var`'s `constraint` (of a tf.Variable or of the Keras 3
+    variable wrapping it) of `component`, this device's copy, to it."""
+    constraint = getattr(var, "constraint", None) or getattr(
+        _distribute.unwrap(var), "constraint", None)
+    if constraint is not None:
+        component.assign(constraint(component), read_value=False)
 
 
 def _component_state(strategy, state, group):
