@@ -74,6 +74,10 @@ def child_mirrored(configs, num_steps, ckpt_modes, ckpt_dir):
         results["replica-shape"] = child_replica_shape_mismatch(tf, strategy)
     except Exception:  # noqa: BLE001
         results["replica-shape"] = dh.error_record()
+    try:
+        results["constraint"] = child_constraint(tf, strategy)
+    except Exception:  # noqa: BLE001
+        results["constraint"] = dh.error_record()
     for mode in ckpt_modes:
         try:
             with dh.timed(f"ckpt-{mode}"):
@@ -109,6 +113,38 @@ def child_cross_replica(tf, strategy):
                 "iterations": int(opt.iterations.numpy()),
                 "values": [v.numpy().tolist()
                            for v in strategy.experimental_local_results(var)]}
+    return out
+
+
+CONSTRAINT_GRADS = ([[1.0, -2.0, 0.5], [0.5, 1.0, -3.0]],   # replica 0, steps 1-2
+                    [[0.5, 1.0, -1.0], [-2.0, 0.5, 1.0]])   # replica 1
+CONSTRAINT_LR, CONSTRAINT_BOUNDS, CONSTRAINT_INIT = 0.4, (0.0, 1.0), [0.5, 0.9, 0.1]
+
+
+def child_constraint(tf, strategy):
+    """A constrained mirrored variable after two steps in `strategy.run`: each
+    device's copy, for both jit settings."""
+    import tf_adamax
+
+    out = {}
+    grads = tf.constant(CONSTRAINT_GRADS)
+    for jit in (True, False):
+        with strategy.scope():
+            var = tf.Variable(CONSTRAINT_INIT, constraint=lambda x: tf.clip_by_value(
+                x, *CONSTRAINT_BOUNDS))
+            opt = tf_adamax.Adamax(CONSTRAINT_LR, jit_compile=jit)
+
+        @tf.function
+        def step(t, var=var, opt=opt):
+            def replica_fn():
+                replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+                opt.apply_gradients([(grads[replica, t], var)])
+            strategy.run(replica_fn)
+
+        for t in range(2):
+            step(tf.constant(t))
+        out[f"jit={jit}"] = [v.numpy().tolist()
+                             for v in strategy.experimental_local_results(var)]
     return out
 
 
@@ -342,3 +378,23 @@ def test_replica_gradient_of_wrong_run_time_shape_is_named_before_the_sum(
         assert "tbl" in got["error"], (case, got["error"][:500])
         assert got["unchanged"], case
         assert got["good_step_iterations"] == 1, (case, got["good_step_iterations"])
+
+
+def test_constraint_projects_each_copy_after_the_summed_update(mirrored_results):
+    from reference import dense_step
+
+    rec = dh.check_record(mirrored_results["constraint"])
+    summed = np.sum(CONSTRAINT_GRADS, axis=0)
+    w, m, u = np.array(CONSTRAINT_INIT, np.float64), np.zeros(3), np.zeros(3)
+    clipped = 0
+    for t in range(2):
+        w, m, u = dense_step(w, m, u, summed[t], CONSTRAINT_LR, 0.9, 0.999, 1e-7,
+                             t + 1)
+        clipped += int(np.sum((w < CONSTRAINT_BOUNDS[0]) | (w > CONSTRAINT_BOUNDS[1])))
+        w = np.clip(w, *CONSTRAINT_BOUNDS)
+    assert clipped, "the summed steps never reach the constraint's bounds"
+    assert set(rec) == {"jit=True", "jit=False"}
+    for case, copies in rec.items():
+        assert len(copies) == NUM_REPLICAS, case
+        for copy in copies:
+            np.testing.assert_allclose(copy, w, rtol=1e-6, atol=1e-6, err_msg=case)
