@@ -511,9 +511,35 @@ def test_unknown_variable_with_split_update_changes_nothing(monkeypatch):
     known = [tf.Variable(np.full((3,), i + 1.0, "float32")) for i in range(4)]
     unknown = tf.Variable(np.ones((3,), "float32"), name="unbuilt_w")
     opt = Adamax(learning_rate=0.1)
+    # Past the up-front check, so the error comes from tracing the parts.
+    monkeypatch.setattr(opt, "_check_known", lambda variables: None)
     opt.build(known)
     before = [v.numpy().copy() for v in known + opt.variables]
     with pytest.raises(KeyError):
         opt.apply_gradients([(tf.ones((3,)), v) for v in known + [unknown]])
     for b, v in zip(before, known + opt.variables):
+        np.testing.assert_array_equal(v.numpy(), b)
+
+
+@pytest.mark.parametrize("weight_decay", (None, 0.1))
+def test_variable_unfrozen_after_first_fit_is_named_and_changes_nothing(weight_decay):
+    # tf-keras optimizers update only the variables of their first step; the
+    # built-in's KeyError names the variable only on its per-variable path
+    # (its weight decay has run by then). Ours names it before anything.
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((8, 4)).astype("float32")
+    y = rng.standard_normal((8, 1)).astype("float32")
+    model = tf_keras.Sequential([
+        tf_keras.layers.Dense(3, input_shape=(4,), name="base"),
+        tf_keras.layers.Dense(1, name="head")])
+    model.layers[0].trainable = False
+    opt = Adamax(learning_rate=0.01, weight_decay=weight_decay)
+    model.compile(optimizer=opt, loss="mse")
+    model.fit(x, y, verbose=0, batch_size=8)
+    model.layers[0].trainable = True
+    model.compile(optimizer=opt, loss="mse")
+    before = [v.numpy().copy() for v in model.variables + opt.variables]
+    with pytest.raises(KeyError, match="cannot recognize variable base/kernel"):
+        model.fit(x, y, verbose=0, batch_size=8)
+    for b, v in zip(before, model.variables + opt.variables):
         np.testing.assert_array_equal(v.numpy(), b)

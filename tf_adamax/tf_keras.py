@@ -257,8 +257,25 @@ class Adamax(tf_keras.optimizers.Optimizer):
         grads_and_vars = list(grads_and_vars)
         checks = _checks.checked_before_keras(
             [g for g, _ in grads_and_vars], [v for _, v in grads_and_vars])
+        self._check_known([v for g, v in grads_and_vars if g is not None])
         with tf.control_dependencies(checks):
             return super().apply_gradients(grads_and_vars, *args, **kwargs)
+
+    def _check_known(self, variables):
+        """Once built, tf-keras updates only the variables it was built with;
+        another one raises here, naming it, before anything changes."""
+        if not getattr(self, "_built", False):
+            return
+        for variable in variables:
+            if self._var_key(variable) not in self._index_dict:
+                raise KeyError(
+                    f"The optimizer cannot recognize variable "
+                    f"{variable.name}: it was built for the variables of its "
+                    "first step (tf-keras optimizers cannot add variables "
+                    "later). Call `optimizer.build(variables)` with the full "
+                    "list of trainable variables before the first step (e.g. "
+                    "before freezing layers), or create a new optimizer when "
+                    "the trainable variables change.")
 
     def _update_all(self, grads, variables, learning_rate, step):
         for grad, variable in zip(grads, variables):
