@@ -252,9 +252,15 @@ class AdamaxReference:
         # the schedule is called with the raw call count.
         t = self.updates + 1
         if self.weight_decay is not None:
-            for k in grads:
-                self.w[k] = round_to(
-                    self.w[k] - self.w[k] * float(self.weight_decay) * lr,
+            for k, g in grads.items():
+                # A lazy sparse step changes only the rows it names.
+                decay = np.ones(self.w[k].shape[:1], bool)
+                if isinstance(g, SparseGrad) and self.sparse_mode == "lazy":
+                    decay = np.isin(np.arange(len(decay)), g.indices)
+                w = self.w[k]
+                decayed = w - w * float(self.weight_decay) * lr
+                self.w[k] = round_to(np.where(
+                    decay.reshape((-1,) + (1,) * (w.ndim - 1)), decayed, w),
                     self.dtype[k])
         for k, g in grads.items():
             args = (lr, self.beta_1, self.beta_2, self.epsilon, t)

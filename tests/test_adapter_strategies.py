@@ -41,10 +41,14 @@ OTHER_DENSE = np.array([[-1.0, 0.5], [0.0, 2.0], [1.5, -1.0], [0.25, 0.0]],
 OTHER_ROWS = np.array([[0.0, 1.5], [-2.0, 0.0], [1.0, 1.0]], np.float32)
 OTHER_BIAS = np.array([-1.0, 0.75, 0.0], np.float32)
 # Clipping must apply to the gradient summed over replicas (Keras 3 alone
-# clips each replica's share; every replica here feeds the same gradient).
-CLIPS = {"none": {}, "clipnorm": {"clipnorm": 1.0},
-         "global_clipnorm": {"global_clipnorm": 1.5},
-         "clipvalue": {"clipvalue": 0.8}}
+# clips each replica's share). The norms lie between those of the dense
+# step's mean gradient (~4.1 for the table, ~4.2 all together) and its sum
+# (~8.2, ~8.4): the sum is clipped, each replica's share or a mean is not.
+# Also weight decay: a lazy step decays only the rows it names, as in the
+# core, on every copy.
+CLIPS = {"none": {}, "clipnorm": {"clipnorm": 6.0},
+         "global_clipnorm": {"global_clipnorm": 6.0},
+         "clipvalue": {"clipvalue": 0.8}, "weight_decay": {"weight_decay": 0.2}}
 RUNS = [(graph, mode, "none") for graph in (False, True)
         for mode in ("exact", "lazy")]
 RUNS += [(True, mode, clip) for mode in ("exact", "lazy")
@@ -128,6 +132,11 @@ def child_adapters(strategies, libs, bad_cases):
                     run(make)
                 rec["table"] = np.array(table)
                 rec["bias"] = np.array(bias)
+                # The slots tell a summed gradient from a mean (Adamax's
+                # weights barely do: m / u is scale-free).
+                for name, i in (("table", 0), ("bias", 1)):
+                    rec[f"m_{name}"] = np.array(opt._m[i])
+                    rec[f"u_{name}"] = np.array(opt._u[i])
                 results[key] = rec
                 if clip != "none":
                     continue
@@ -209,10 +218,13 @@ def test_adapter_under_strategy_matches_reference(adapter_results, strategy,
     rec = adapter_results[f"{strategy}-{lib}-{graph}-{sparse_mode}"]
     mode, _, clip = sparse_mode.partition("-")
     ref = _reference(mode, rec["replicas"], clip or "none")
-    np.testing.assert_allclose(rec["table"], ref.w["table"], rtol=1e-5,
-                               atol=1e-6)
-    np.testing.assert_allclose(rec["bias"], ref.w["bias"], rtol=1e-5,
-                               atol=1e-6)
+    for name in ("table", "bias"):
+        np.testing.assert_allclose(rec[name], ref.w[name], rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+        np.testing.assert_allclose(rec[f"m_{name}"], ref.m[name], rtol=1e-5,
+                                   atol=1e-6, err_msg=f"m of {name}")
+        np.testing.assert_allclose(rec[f"u_{name}"], ref.u[name], rtol=1e-5,
+                                   atol=1e-6, err_msg=f"u of {name}")
 
 
 @pytest.mark.parametrize("strategy,lib,graph,sparse_mode", CASES)

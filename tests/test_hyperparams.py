@@ -232,3 +232,57 @@ def test_many_optimizers_do_not_warn_of_retracing():
     from keras_cases import check_no_retracing_warning
 
     check_no_retracing_warning(tf_adamax.Adamax)  # jit_compile=True default
+
+
+DESIGN_DEFAULTS = dict(learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
+                       weight_decay=None, clipnorm=None, clipvalue=None,
+                       global_clipnorm=None, use_ema=False, ema_momentum=0.99,
+                       ema_overwrite_frequency=None, sparse_mode="exact")
+
+
+@pytest.mark.parametrize("front", ("core", "keras3", "tf_keras"))
+def test_defaults_are_designs(front):
+    import tf_adamax.keras
+    import tf_adamax.tf_keras
+
+    cls = {"core": tf_adamax.Adamax, "keras3": tf_adamax.keras.Adamax,
+           "tf_keras": tf_adamax.tf_keras.Adamax}[front]
+    config = cls().get_config()
+    for key, value in DESIGN_DEFAULTS.items():
+        assert config[key] == pytest.approx(value) if isinstance(value, float) \
+            else config[key] == value, (key, config[key])
+    if front != "keras3":  # Keras 3 has no jit_compile argument on optimizers
+        assert config["jit_compile"] is True
+    if front == "core":
+        assert config["loss_scale_factor"] is None
+        assert config["gradient_accumulation_steps"] is None
+        assert config["name"] == "adamax"
+
+
+def test_default_optimizer_takes_the_exact_step():
+    """`Adamax()` with no argument: exact sparse mode and the default rate,
+    on a step where a row named before is not named now (lazy would leave
+    it alone)."""
+    import tf_adamax
+    from conftest import SparseGrad
+
+    ref_init = np.array([[1.0, -1.0], [0.5, 2.0], [0.0, 3.0]])
+    steps = (([0, 1, 0], [[1.0, 2.0], [0.5, -1.0], [-0.5, 1.0]]),
+             ([2], [[0.25, -0.5]]))
+    table = tf.Variable(ref_init)
+    opt = tf_adamax.Adamax()
+    ref = AdamaxReference()
+    ref.add_variable(0, ref_init, np.float64)
+    for indices, values in steps:
+        opt.apply_gradients([(tf.IndexedSlices(
+            tf.constant(values, tf.float64), tf.constant(indices)), table)])
+        ref.apply({0: SparseGrad(np.array(indices), np.array(values))})
+    np.testing.assert_allclose(table.numpy(), ref.w[0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(opt.get_slot(table, "momentum").numpy(), ref.m[0],
+                               rtol=1e-12, atol=1e-12)
+    lazy = AdamaxReference(sparse_mode="lazy")
+    lazy.add_variable(0, ref_init, np.float64)
+    for indices, values in steps:
+        lazy.apply({0: SparseGrad(np.array(indices), np.array(values))})
+    assert np.all(np.abs(lazy.w[0][:2] - ref.w[0][:2]) > 1e-6), \
+        "the steps cannot tell exact from lazy"

@@ -233,3 +233,83 @@ def test_half_precision_sparse_matches_reference(dtype, sparse_mode, rng,
     setup = _setup(rng, dtype, sparse_mode, "xla")
     for t in range(1, 6):
         _random_step(rng, dtype, setup, t)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("sparse_mode", ("exact", "lazy"))
+def test_weight_decay_with_sparse_gradients_matches_reference(sparse_mode, mode, rng):
+    """Exact mode decays every row (the densified gradient's step); lazy mode
+    only the named rows, and every other row of var, m and u stays
+    bit-for-bit (the adapters too: tests/test_keras3.py, test_tf_keras.py)."""
+    setup = _setup(rng, "float64", sparse_mode, mode, weight_decay=0.5)
+    emb, _, opt, _, ref = setup
+    for t in range(1, 6):
+        before = snapshot(opt, [emb])
+        slices, _ = _random_step(rng, "float64", setup, t)
+        unnamed = np.setdiff1d(np.arange(ROWS), slices.indices.numpy())
+        assert unnamed.size, "every row named: the step cannot tell the modes apart"
+        after = snapshot(opt, [emb])
+        for key in ("var0", "var0/momentum", "var0/norm"):
+            if before[key] is None:  # no slots before the first step
+                continue
+            moved = np.any(before[key][unnamed] != after[key][unnamed])
+            if sparse_mode == "lazy":
+                assert not moved, (t, key)
+            elif key == "var0":  # decayed, if nothing else
+                assert moved, (t, key)
+
+
+def _graphs(graph):
+    """`graph` and every function graph nested in it (the compiled update)."""
+    yield graph
+    for function in getattr(graph, "_functions", {}).values():
+        inner = getattr(function, "graph", None)
+        if inner is not None:
+            yield from _graphs(inner)
+
+
+def _table_sized_outputs(step, rows):
+    """Ops of `step`'s traced graphs whose output has `rows` leading rows."""
+    found, count = [], 0
+    for graph in _graphs(step.get_concrete_function().graph):
+        for op in graph.get_operations():
+            count += 1
+            found += [f"{op.type} {op.name} {out.shape}" for out in op.outputs
+                      if out.shape.rank and out.shape[0] == rows]
+    return found, count
+
+
+@pytest.mark.parametrize("front", ("core", "core_nojit", "keras3", "tf_keras"))
+def test_lazy_step_has_no_table_sized_tensor(front):
+    """DESIGN: lazy cost is O(nnz): no full-variable read, copy or `.value()`
+    round trip, also with weight decay. No op of the traced step (its
+    compiled update included) yields a tensor with the table's row count; in
+    exact mode some must."""
+    import keras
+
+    import tf_adamax
+    import tf_adamax.keras
+    import tf_adamax.tf_keras
+
+    rows = 50_021  # a row count no other dimension here has
+    grad = tf.IndexedSlices(tf.ones((5, 4)), tf.constant([1, 2, 2, 7, 9]),
+                            tf.constant([rows, 4]))
+    counts = {}
+    for mode in ("lazy", "exact"):
+        if front == "keras3":
+            table = keras.Variable(tf.zeros((rows, 4)))
+            opt = tf_adamax.keras.Adamax(sparse_mode=mode, weight_decay=0.1)
+        else:
+            table = tf.Variable(tf.zeros((rows, 4)))
+            opt = (tf_adamax.tf_keras.Adamax(sparse_mode=mode, weight_decay=0.1)
+                   if front == "tf_keras"
+                   else tf_adamax.Adamax(sparse_mode=mode, weight_decay=0.1,
+                                         jit_compile=front == "core"))
+        opt.build([table])
+        step = tf.function(lambda: opt.apply_gradients([(grad, table)]))
+        step()
+        found, count = _table_sized_outputs(step, rows)
+        counts[mode] = (found, count)
+    assert counts["lazy"][0] == [], counts["lazy"][0]
+    assert counts["exact"][0], "the check cannot see table-sized tensors"
+    assert counts["lazy"][1] > 20, counts["lazy"][1]  # the update was traced in

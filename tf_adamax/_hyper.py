@@ -163,6 +163,29 @@ def check_clipping(clipnorm, clipvalue, global_clipnorm):
                      allow_none=True)
 
 
+def lazy_decay_keys(sparse_mode, weight_decay, grads, variables, key,
+                    use_weight_decay):
+    """Keys of the variables whose weight decay the lazy kernel applies.
+
+    Keras decays every weight before an adapter's update runs; in lazy mode
+    a variable with a sparse gradient must only change in the rows the
+    gradient names (as in the core), so the adapter leaves its decay out of
+    Keras's and passes it to the kernel instead (`Hyper.weight_decay`).
+
+    Args:
+      sparse_mode: the optimizer's mode.
+      weight_decay: its weight decay, or None (also when Keras accumulates
+        gradients: the accumulated update is dense).
+      grads, variables: the pairs of this step.
+      key: maps a variable to the adapter's key for it.
+      use_weight_decay: Keras's exclusion test (`_use_weight_decay`).
+    """
+    if sparse_mode != "lazy" or weight_decay is None or variables is None:
+        return frozenset()
+    return frozenset(key(v) for g, v in zip(grads, variables)
+                     if isinstance(g, tf.IndexedSlices) and use_weight_decay(v))
+
+
 def serialize_schedule(learning_rate):
     """A JSON-able config for a Keras 3 / tf-keras schedule.
 

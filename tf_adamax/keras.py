@@ -179,6 +179,7 @@ class Adamax(keras.optimizers.Optimizer):
         self.epsilon = epsilon
         self.sparse_mode = sparse_mode
         self._update_all_fn = None
+        self._lazy_decay = frozenset()  # see `_hyper.lazy_decay_keys`
 
     def build(self, var_list):
         """Creates the slots `momentum` (m) and `norm` (u) of each variable.
@@ -251,7 +252,11 @@ class Adamax(keras.optimizers.Optimizer):
             beta_2=self.beta_2,
             epsilon=self.epsilon,
             step=step,
-            weight_decay=None,  # Keras 3 applied it before this call
+            # Keras 3 applied it before this call, except to the named rows
+            # of a lazy sparse step.
+            weight_decay=(self.weight_decay
+                          if self._var_key(variable) in self._lazy_decay
+                          else None),
         )
         _math.apply_gradient(
             _tf_variable(variable), _tf_variable(self._m[index]),
@@ -313,11 +318,21 @@ class Adamax(keras.optimizers.Optimizer):
                      else getattr(self, "_trainable_variables", None))
         checks = (_checks.checked_before_keras(grads, variables)
                   if variables is not None else [])
+        self._lazy_decay = _hyper.lazy_decay_keys(
+            self.sparse_mode,
+            None if self.gradient_accumulation_steps else self.weight_decay,
+            grads, variables, self._var_key, self._use_weight_decay)
         if self.loss_scale_factor is not None:
             grads = [_DivisibleSlices(g.values, g.indices, g.dense_shape)
                      if isinstance(g, tf.IndexedSlices) else g for g in grads]
         with tf.control_dependencies(checks):
             return super().apply(grads, trainable_variables)
+
+    def _apply_weight_decay(self, variables):
+        # Keras 3's hook (private): lazy sparse steps decay their named rows
+        # in the kernel instead (`_hyper.lazy_decay_keys`).
+        return super()._apply_weight_decay(
+            [v for v in variables if self._var_key(v) not in self._lazy_decay])
 
     def _clips(self):
         return any(x is not None and x > 0 for x in (

@@ -151,6 +151,7 @@ class Adamax(tf_keras.optimizers.Optimizer):
         # all variables is compiled as one program on any device.
         self._jit_all = jit_compile
         self._update_all_fn = None
+        self._lazy_decay = frozenset()  # see `_hyper.lazy_decay_keys`
 
     def build(self, var_list):
         """Creates the slots `m` and `u` of each variable.
@@ -201,14 +202,17 @@ class Adamax(tf_keras.optimizers.Optimizer):
                         self.iterations + 1)
 
     def _apply_one(self, gradient, variable, learning_rate, step):
-        index = self._index_dict[self._var_key(variable)]
+        key = self._var_key(variable)
+        index = self._index_dict[key]
         hyper = _math.Hyper(
             learning_rate=learning_rate,
             beta_1=self.beta_1,
             beta_2=self.beta_2,
             epsilon=self.epsilon,
             step=step,
-            weight_decay=None,  # tf-keras applied it before this call
+            # tf-keras applied it before this call, except to the named rows
+            # of a lazy sparse step.
+            weight_decay=self.weight_decay if key in self._lazy_decay else None,
         )
         _math.apply_gradient(variable, self._m[index], self._u[index],
                              gradient, hyper, self.sparse_mode)
@@ -258,8 +262,18 @@ class Adamax(tf_keras.optimizers.Optimizer):
         checks = _checks.checked_before_keras(
             [g for g, _ in grads_and_vars], [v for _, v in grads_and_vars])
         self._check_known([v for g, v in grads_and_vars if g is not None])
+        self._lazy_decay = _hyper.lazy_decay_keys(
+            self.sparse_mode, self.weight_decay,
+            [g for g, _ in grads_and_vars], [v for _, v in grads_and_vars],
+            self._var_key, self._use_weight_decay)
         with tf.control_dependencies(checks):
             return super().apply_gradients(grads_and_vars, *args, **kwargs)
+
+    def _apply_weight_decay(self, variables):
+        # tf-keras's hook (private): lazy sparse steps decay their named rows
+        # in the kernel instead (`_hyper.lazy_decay_keys`).
+        return super()._apply_weight_decay(
+            [v for v in variables if self._var_key(v) not in self._lazy_decay])
 
     def _check_known(self, variables):
         """Once built, tf-keras updates only the variables it was built with;
