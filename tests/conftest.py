@@ -180,3 +180,23 @@ def rng(request):
     """A deterministic generator seeded from the test's node id."""
     # hash() of str is salted per process; crc32 is stable across runs.
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def _function_graphs(graph):
+    """`graph` and every function graph nested in it (the compiled update)."""
+    yield graph
+    for function in getattr(graph, "_functions", {}).values():
+        inner = getattr(function, "graph", None)
+        if inner is not None:
+            yield from _function_graphs(inner)
+
+
+def table_sized_outputs(step, rows):
+    """Ops of `step`'s traced graphs whose output has `rows` leading rows."""
+    found, count = [], 0
+    for graph in _function_graphs(step.get_concrete_function().graph):
+        for op in graph.get_operations():
+            count += 1
+            found += [f"{op.type} {op.name} {out.shape}" for out in op.outputs
+                      if out.shape.rank and out.shape[0] == rows]
+    return found, count

@@ -78,6 +78,10 @@ def child_mirrored(configs, num_steps, ckpt_modes, ckpt_dir):
         results["constraint"] = child_constraint(tf, strategy)
     except Exception:  # noqa: BLE001
         results["constraint"] = dh.error_record()
+    try:
+        results["sparse-stays-sparse"] = child_sparse_stays_sparse(tf, strategy)
+    except Exception:  # noqa: BLE001
+        results["sparse-stays-sparse"] = dh.error_record()
     for mode in ckpt_modes:
         try:
             with dh.timed(f"ckpt-{mode}"):
@@ -145,6 +149,38 @@ def child_constraint(tf, strategy):
             step(tf.constant(t))
         out[f"jit={jit}"] = [v.numpy().tolist()
                              for v in strategy.experimental_local_results(var)]
+    return out
+
+
+SPARSE_GRAPH_ROWS = 30_011  # a row count no other dimension here has
+
+
+def child_sparse_stays_sparse(tf, strategy):
+    """Ops yielding a table-sized tensor in a traced `strategy.run` step whose
+    replicas apply IndexedSlices gradients (all-reduce included), per mode."""
+    import tf_adamax
+    from conftest import table_sized_outputs
+
+    out = {}
+    for mode in ("lazy", "exact"):
+        with strategy.scope():
+            table = tf.Variable(tf.zeros((SPARSE_GRAPH_ROWS, 4)))
+            opt = tf_adamax.Adamax(sparse_mode=mode)
+
+        def replica_fn(table=table, opt=opt):
+            replica = tf.cast(
+                tf.distribute.get_replica_context().replica_id_in_sync_group,
+                tf.float32)
+            opt.apply_gradients([(tf.IndexedSlices(
+                tf.ones((3, 4)) * (replica + 1.0), tf.constant([1, 5, 1]),
+                tf.constant([SPARSE_GRAPH_ROWS, 4])), table)])
+
+        step = tf.function(lambda replica_fn=replica_fn: strategy.run(replica_fn))
+        step()
+        found, count = table_sized_outputs(step, SPARSE_GRAPH_ROWS)
+        out[mode] = {"found": found, "ops": count,
+                     "row1": [v.numpy()[1].tolist()
+                              for v in strategy.experimental_local_results(table)]}
     return out
 
 
@@ -398,3 +434,16 @@ def test_constraint_projects_each_copy_after_the_summed_update(mirrored_results)
         assert len(copies) == NUM_REPLICAS, case
         for copy in copies:
             np.testing.assert_allclose(copy, w, rtol=1e-6, atol=1e-6, err_msg=case)
+
+
+def test_sparse_gradients_stay_sparse_through_the_all_reduce(mirrored_results):
+    # DESIGN: "Sparse gradients stay sparse where the strategy allows." A lazy
+    # step's graph, all-reduce included, holds no table-sized tensor (a
+    # densified sum would); the exact step's does (it is O(rows) by design).
+    rec = dh.check_record(mirrored_results["sparse-stays-sparse"])
+    assert rec["lazy"]["found"] == [], rec["lazy"]["found"]
+    assert rec["exact"]["found"], "the check cannot see table-sized tensors"
+    assert rec["lazy"]["ops"] > 20
+    for mode in ("lazy", "exact"):  # the step ran and summed both replicas
+        for row in rec[mode]["row1"]:
+            assert all(x < 0 for x in row), (mode, row)

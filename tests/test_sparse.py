@@ -7,7 +7,7 @@ import tensorflow as tf
 from conftest import (MODES, AdamaxReference, SparseGrad,
                       assert_allclose_according_to_type, check_against_reference,
                       make_optimizer, make_step, np_dtype, random_sparse, snapshot,
-                      to_numpy)
+                      table_sized_outputs, to_numpy)
 
 LR = 0.01
 ROWS, ROW_SHAPE = 8, (3,)
@@ -259,26 +259,6 @@ def test_weight_decay_with_sparse_gradients_matches_reference(sparse_mode, mode,
                 assert moved, (t, key)
 
 
-def _graphs(graph):
-    """`graph` and every function graph nested in it (the compiled update)."""
-    yield graph
-    for function in getattr(graph, "_functions", {}).values():
-        inner = getattr(function, "graph", None)
-        if inner is not None:
-            yield from _graphs(inner)
-
-
-def _table_sized_outputs(step, rows):
-    """Ops of `step`'s traced graphs whose output has `rows` leading rows."""
-    found, count = [], 0
-    for graph in _graphs(step.get_concrete_function().graph):
-        for op in graph.get_operations():
-            count += 1
-            found += [f"{op.type} {op.name} {out.shape}" for out in op.outputs
-                      if out.shape.rank and out.shape[0] == rows]
-    return found, count
-
-
 @pytest.mark.parametrize("front", ("core", "core_nojit", "keras3", "tf_keras"))
 def test_lazy_step_has_no_table_sized_tensor(front):
     """DESIGN: lazy cost is O(nnz): no full-variable read, copy or `.value()`
@@ -308,7 +288,7 @@ def test_lazy_step_has_no_table_sized_tensor(front):
         opt.build([table])
         step = tf.function(lambda: opt.apply_gradients([(grad, table)]))
         step()
-        found, count = _table_sized_outputs(step, rows)
+        found, count = table_sized_outputs(step, rows)
         counts[mode] = (found, count)
     assert counts["lazy"][0] == [], counts["lazy"][0]
     assert counts["exact"][0], "the check cannot see table-sized tensors"
