@@ -194,3 +194,44 @@ def check_many_variables_split_match_builtin(optimizer_class, builtin_class,
             assert [f.experimental_get_tracing_count() for f in fns] == [1, 1]
     for ours, theirs in zip(*results):
         np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+def check_lazy_weight_decay_is_read_at_each_step(optimizer_class, variable_class):
+    """Lazy mode: the kernel decays the named rows with the `weight_decay` of
+    each call (a compiled update traced before a change still follows it, as
+    Keras's own decay does), and only those rows."""
+    table = variable_class(np.ones((4, 2), "float32"), name="wd_table")
+    opt = optimizer_class(learning_rate=0.1, weight_decay=None, sparse_mode="lazy")
+    opt.build([table])
+
+    def step():  # zero gradient: only the decay can move a row
+        opt.apply_gradients([(tf.IndexedSlices(
+            tf.zeros((1, 2)), tf.constant([1]), tf.constant([4, 2])), table)])
+
+    expected = np.ones((4, 2))
+    for decay in (None, 0.5, 0.5, None, 0.25):
+        opt.weight_decay = decay
+        step()
+        if decay is not None:
+            expected[1] *= np.float32(1.0 - decay * 0.1)
+        np.testing.assert_allclose(np.array(table), expected, rtol=1e-6,
+                                   err_msg=f"weight_decay={decay}")
+
+
+def check_lazy_weight_decay_respects_exclusion(optimizer_class, variable_class):
+    """`exclude_from_weight_decay(var_names=...)` matches the variable as
+    Keras's own decay sees it (its full name, layer included), in lazy mode
+    too, whatever the first step's gradient."""
+    table = variable_class(np.ones((4, 2), "float32"), name="position_table")
+    other = variable_class(np.ones((4, 2), "float32"), name="other_table")
+    opt = optimizer_class(learning_rate=0.1, weight_decay=0.5, sparse_mode="lazy")
+    opt.exclude_from_weight_decay(var_names=["position_table"])
+    opt.build([table, other])
+    sparse = tf.IndexedSlices(tf.zeros((1, 2)), tf.constant([1]),
+                              tf.constant([4, 2]))
+    opt.apply_gradients([(sparse, table), (sparse, other)])
+    opt.apply_gradients([(tf.zeros((4, 2)), table), (tf.zeros((4, 2)), other)])
+    np.testing.assert_array_equal(np.array(table), np.ones((4, 2)))
+    decayed = np.ones((4, 2)) * np.float32(0.95)  # the dense step: every row
+    decayed[1] *= np.float32(0.95)                # and the sparse one: row 1
+    np.testing.assert_allclose(np.array(other), decayed, rtol=1e-6)

@@ -25,6 +25,8 @@ from keras_cases import (
     BAD_PAIR_CASES, BAD_PAIR_OPTIONS, BATCH, DIM, EMB_LR, REPO_ROOT, TOKENS, VOCAB,
     assert_matches_reference, check_bad_pairs_change_nothing,
     check_many_variables_split_match_builtin, check_no_retracing_warning,
+    check_lazy_weight_decay_is_read_at_each_step,
+    check_lazy_weight_decay_respects_exclusion,
     check_zero_clip_is_off, child_env, dense_data,
     embedding_batches, embedding_init, embedding_reference, token_regression_data)
 
@@ -740,3 +742,19 @@ def test_apply_takes_variables_from_a_generator():
 def test_many_variables_split_over_cores_match_builtin(monkeypatch):
     check_many_variables_split_match_builtin(Adamax, keras.optimizers.Adamax, keras.Variable,
                                              monkeypatch)
+
+
+def test_lazy_weight_decay_is_read_at_each_step():
+    check_lazy_weight_decay_is_read_at_each_step(Adamax, keras.Variable)
+
+
+def test_lazy_weight_decay_respects_exclusion_by_name():
+    # A layer's weight: Keras's own decay matches the pattern against the
+    # tf.Variable's name ("position_table/w:0"), not the Keras name ("w").
+    def in_layer(value, name):
+        layer = keras.layers.Layer(name=name)
+        weight = layer.add_weight(shape=value.shape, initializer="zeros", name="w")
+        weight.assign(value)
+        return weight
+
+    check_lazy_weight_decay_respects_exclusion(Adamax, in_layer)

@@ -30,6 +30,8 @@ from keras_cases import (
     BAD_PAIR_CASES, BAD_PAIR_OPTIONS, BATCH, DIM, EMB_LR, REPO_ROOT, TOKENS, VOCAB,
     assert_matches_reference, check_bad_pairs_change_nothing,
     check_many_variables_split_match_builtin, check_no_retracing_warning,
+    check_lazy_weight_decay_is_read_at_each_step,
+    check_lazy_weight_decay_respects_exclusion,
     check_zero_clip_is_off, child_env, dense_data,
     embedding_batches, embedding_init, embedding_reference, token_regression_data)
 
@@ -543,3 +545,11 @@ def test_variable_unfrozen_after_first_fit_is_named_and_changes_nothing(weight_d
         model.fit(x, y, verbose=0, batch_size=8)
     for b, v in zip(before, model.variables + opt.variables):
         np.testing.assert_array_equal(v.numpy(), b)
+
+
+def test_lazy_weight_decay_is_read_at_each_step():
+    check_lazy_weight_decay_is_read_at_each_step(Adamax, tf.Variable)
+
+
+def test_lazy_weight_decay_respects_exclusion_by_name():
+    check_lazy_weight_decay_respects_exclusion(Adamax, tf.Variable)

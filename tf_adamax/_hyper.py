@@ -163,27 +163,37 @@ def check_clipping(clipnorm, clipvalue, global_clipnorm):
                      allow_none=True)
 
 
-def lazy_decay_keys(sparse_mode, weight_decay, grads, variables, key,
+def lazy_decay_keys(sparse_mode, accumulating, grads, variables, key,
                     use_weight_decay):
     """Keys of the variables whose weight decay the lazy kernel applies.
 
     Keras decays every weight before an adapter's update runs; in lazy mode
     a variable with a sparse gradient must only change in the rows the
     gradient names (as in the core), so the adapter leaves its decay out of
-    Keras's and passes it to the kernel instead (`Hyper.weight_decay`).
+    Keras's and has the kernel apply it (`Hyper.weight_decay`, given at run
+    time by `run_time_decay`: a compiled update traced once must follow
+    later changes of `weight_decay`, as Keras's own decay does eagerly).
 
     Args:
       sparse_mode: the optimizer's mode.
-      weight_decay: its weight decay, or None (also when Keras accumulates
-        gradients: the accumulated update is dense).
+      accumulating: Keras accumulates gradients (the accumulated update is
+        dense, and Keras decays every row).
       grads, variables: the pairs of this step.
       key: maps a variable to the adapter's key for it.
-      use_weight_decay: Keras's exclusion test (`_use_weight_decay`).
+      use_weight_decay: Keras's exclusion test (`_use_weight_decay`), given
+        the `tf.Variable` as Keras's own decay gives it.
     """
-    if sparse_mode != "lazy" or weight_decay is None or variables is None:
+    if sparse_mode != "lazy" or accumulating or variables is None:
         return frozenset()
     return frozenset(key(v) for g, v in zip(grads, variables)
                      if isinstance(g, tf.IndexedSlices) and use_weight_decay(v))
+
+
+def run_time_decay(weight_decay):
+    """`weight_decay` as the tensor a compiled update reads at each call
+    (0 when it is None: `w - w * 0 * lr` is `w`)."""
+    return tf.convert_to_tensor(
+        0.0 if weight_decay is None else weight_decay, tf.float32)
 
 
 def serialize_schedule(learning_rate):

@@ -83,10 +83,12 @@ class Adamax(keras.optimizers.Optimizer):
     Keras 3's and behave as for any Keras 3 optimizer, with sparse gradients
     too: clipping sees each repeated index once, as for the densified
     gradient, and `loss_scale_factor` divides them (which Keras 3's own
-    optimizers fail to do). Keras applies weight decay to every row and
-    accumulates gradients in dense buffers, so with `weight_decay` all rows
-    decay, and with `gradient_accumulation_steps` every update is dense
-    (`t` then counts updates, not calls, as in `keras.optimizers.Adamax`).
+    optimizers fail to do). In lazy mode weight decay reaches only the rows
+    a sparse gradient names (the kernel applies it; Keras's whole-variable
+    pass skips that variable). Keras accumulates gradients in dense
+    buffers, so with `gradient_accumulation_steps` every update is dense,
+    and decays every row (`t` then counts updates, not calls, as in
+    `keras.optimizers.Adamax`).
 
     Without a `tf.distribute` strategy the updates of all variables run as
     one XLA program (on CPU, a list of 64 or more as one program per core),
@@ -233,8 +235,9 @@ class Adamax(keras.optimizers.Optimizer):
 
         Keras 3 calls this per variable (through `strategy.extended.update`
         under `tf.distribute`) after loss-scale division, gradient
-        accumulation, clipping and weight decay, so the kernels run without
-        weight decay of their own.
+        accumulation, clipping and weight decay; the kernels apply weight
+        decay only to the named rows of a lazy sparse step, which Keras's
+        whole-variable decay leaves out (`_apply_weight_decay`).
 
         Args:
           gradient: a dense tensor or a `tf.IndexedSlices`.
@@ -242,9 +245,10 @@ class Adamax(keras.optimizers.Optimizer):
           learning_rate: this step's learning rate.
         """
         self._apply_one(gradient, variable, learning_rate,
-                        tf.cast(self.iterations, tf.int64) + 1)
+                        tf.cast(self.iterations, tf.int64) + 1,
+                        _hyper.run_time_decay(self.weight_decay))
 
-    def _apply_one(self, gradient, variable, learning_rate, step):
+    def _apply_one(self, gradient, variable, learning_rate, step, decay):
         index = self._get_variable_index(variable)
         hyper = _math.Hyper(
             learning_rate=learning_rate,
@@ -254,8 +258,7 @@ class Adamax(keras.optimizers.Optimizer):
             step=step,
             # Keras 3 applied it before this call, except to the named rows
             # of a lazy sparse step.
-            weight_decay=(self.weight_decay
-                          if self._var_key(variable) in self._lazy_decay
+            weight_decay=(decay if self._var_key(variable) in self._lazy_decay
                           else None),
         )
         _math.apply_gradient(
@@ -289,11 +292,12 @@ class Adamax(keras.optimizers.Optimizer):
         self._update_all_fn.fn(
             list(grads), list(variables),
             tf.convert_to_tensor(_tf_variable(learning_rate)),
-            tf.cast(self.iterations, tf.int64) + 1)
+            tf.cast(self.iterations, tf.int64) + 1,
+            _hyper.run_time_decay(self.weight_decay))
 
-    def _update_all(self, grads, variables, learning_rate, step):
+    def _update_all(self, grads, variables, learning_rate, step, decay):
         for grad, variable in zip(grads, variables):
-            self._apply_one(grad, variable, learning_rate, step)
+            self._apply_one(grad, variable, learning_rate, step, decay)
 
     def apply(self, grads, trainable_variables=None):
         """Applies gradients (see `keras.optimizers.Optimizer.apply`).
@@ -319,9 +323,9 @@ class Adamax(keras.optimizers.Optimizer):
         checks = (_checks.checked_before_keras(grads, variables)
                   if variables is not None else [])
         self._lazy_decay = _hyper.lazy_decay_keys(
-            self.sparse_mode,
-            None if self.gradient_accumulation_steps else self.weight_decay,
-            grads, variables, self._var_key, self._use_weight_decay)
+            self.sparse_mode, bool(self.gradient_accumulation_steps), grads,
+            variables, self._var_key,
+            lambda v: self._use_weight_decay(_tf_variable(v)))
         if self.loss_scale_factor is not None:
             grads = [_DivisibleSlices(g.values, g.indices, g.dense_shape)
                      if isinstance(g, tf.IndexedSlices) else g for g in grads]

@@ -58,8 +58,9 @@ class Adamax(tf_keras.optimizers.Optimizer):
       is O(rows in the batch), independent of the vocabulary size.
 
     Clipping of a sparse gradient sees each repeated index once, as for the
-    densified gradient. tf-keras applies weight decay to every row, so with
-    `weight_decay` all rows decay in lazy mode too.
+    densified gradient. In lazy mode weight decay reaches only the rows a
+    sparse gradient names (the kernel applies it; tf-keras's whole-variable
+    pass skips that variable).
 
     Args:
       learning_rate: A float, a
@@ -191,17 +192,19 @@ class Adamax(tf_keras.optimizers.Optimizer):
         """Applies one gradient to one variable with the tf_adamax kernels.
 
         tf-keras calls this per variable after aggregation, clipping,
-        deduplication of sparse indices and weight decay, so the kernels
-        run without weight decay of their own.
+        deduplication of sparse indices and weight decay; the kernels apply
+        weight decay only to the named rows of a lazy sparse step, which
+        tf-keras's whole-variable decay leaves out (`_apply_weight_decay`).
 
         Args:
           gradient: a dense tensor or a `tf.IndexedSlices`.
           variable: the model variable.
         """
         self._apply_one(gradient, variable, self.learning_rate,
-                        self.iterations + 1)
+                        self.iterations + 1,
+                        _hyper.run_time_decay(self.weight_decay))
 
-    def _apply_one(self, gradient, variable, learning_rate, step):
+    def _apply_one(self, gradient, variable, learning_rate, step, decay):
         key = self._var_key(variable)
         index = self._index_dict[key]
         hyper = _math.Hyper(
@@ -212,7 +215,7 @@ class Adamax(tf_keras.optimizers.Optimizer):
             step=step,
             # tf-keras applied it before this call, except to the named rows
             # of a lazy sparse step.
-            weight_decay=self.weight_decay if key in self._lazy_decay else None,
+            weight_decay=decay if key in self._lazy_decay else None,
         )
         _math.apply_gradient(variable, self._m[index], self._u[index],
                              gradient, hyper, self.sparse_mode)
@@ -244,7 +247,8 @@ class Adamax(tf_keras.optimizers.Optimizer):
         # Rate and step read here: the programs run on the variables' devices.
         self._update_all_fn.fn(list(grads), list(variables),
                                tf.convert_to_tensor(self.learning_rate),
-                               self.iterations + 1)
+                               self.iterations + 1,
+                               _hyper.run_time_decay(self.weight_decay))
         # With no pairs left, tf-keras only increments `iterations` (ordered
         # after the update's read of it by TF's automatic control deps).
         return super()._distributed_apply_gradients_fn(distribution, [],
@@ -263,9 +267,9 @@ class Adamax(tf_keras.optimizers.Optimizer):
             [g for g, _ in grads_and_vars], [v for _, v in grads_and_vars])
         self._check_known([v for g, v in grads_and_vars if g is not None])
         self._lazy_decay = _hyper.lazy_decay_keys(
-            self.sparse_mode, self.weight_decay,
-            [g for g, _ in grads_and_vars], [v for _, v in grads_and_vars],
-            self._var_key, self._use_weight_decay)
+            self.sparse_mode, False, [g for g, _ in grads_and_vars],
+            [v for _, v in grads_and_vars], self._var_key,
+            self._use_weight_decay)
         with tf.control_dependencies(checks):
             return super().apply_gradients(grads_and_vars, *args, **kwargs)
 
@@ -291,9 +295,9 @@ class Adamax(tf_keras.optimizers.Optimizer):
                     "before freezing layers), or create a new optimizer when "
                     "the trainable variables change.")
 
-    def _update_all(self, grads, variables, learning_rate, step):
+    def _update_all(self, grads, variables, learning_rate, step, decay):
         for grad, variable in zip(grads, variables):
-            self._apply_one(grad, variable, learning_rate, step)
+            self._apply_one(grad, variable, learning_rate, step, decay)
 
     def _clip_gradients(self, grads):
         # tf-keras's hook between gradient aggregation and clipping (private,
