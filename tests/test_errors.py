@@ -273,9 +273,11 @@ def test_out_of_range_row_is_dropped_inside_xla(opt_jit, bad, sparse_mode,
     emb_before = emb.numpy().astype(np.float64)
     slots_before = [opt.get_slot(emb, s).numpy().astype(np.float64)
                     for s in ("momentum", "norm")]
-    indices = [1, bad, 3, 1]
+    # The first and last rows are named too: a bad row clamped into range
+    # (XLA gathers clamp) would land on one of them.
+    indices = [0, bad, 3, 0, ROWS - 1]
     values = np.array([[0.5, -0.5, 0.25], [50.0, -50.0, 50.0],
-                       [0.1, 0.2, 0.3], [-0.2, 0.1, 0.05]])
+                       [0.1, 0.2, 0.3], [-0.2, 0.1, 0.05], [0.3, -0.1, 0.2]])
     step = tf.function(lambda g: opt.apply_gradients([(g, emb)]), jit_compile=True)
     step(_slices(indices, values))
     _expect_dropped(opt, emb, emb_before, slots_before, indices, values, bad,

@@ -286,3 +286,68 @@ def test_default_optimizer_takes_the_exact_step():
         lazy.apply({0: SparseGrad(np.array(indices), np.array(values))})
     assert np.all(np.abs(lazy.w[0][:2] - ref.w[0][:2]) > 1e-6), \
         "the steps cannot tell exact from lazy"
+
+
+@pytest.mark.parametrize("mode", ("eager", "function", "jit", "xla"))
+def test_exclude_from_weight_decay_by_variable_and_pattern(mode):
+    """Core: `var_list` excludes by object, `var_names` by `re.search` on the
+    tf.Variable name (as Keras); the others decay, also in lazy mode."""
+    from conftest import SparseGrad
+
+    rng = np.random.default_rng(5)
+    init = {k: rng.standard_normal(s).astype(np.float32)
+            for k, s in (("kernel", (3, 2)), ("bias", (2,)), ("table", (4, 2)),
+                         ("other", (4, 2)))}
+    names = {"kernel": "dense/kernel", "bias": "dense/bias", "table": "table",
+             "other": "other"}
+    variables = {k: tf.Variable(v, name=names[k]) for k, v in init.items()}
+    opt = make_optimizer(mode, learning_rate=0.05, weight_decay=0.5,
+                         sparse_mode="lazy")
+    # "^dense/b" is a regex: as a plain substring it would match nothing.
+    opt.exclude_from_weight_decay(var_list=[variables["table"]],
+                                  var_names=["^dense/b"])
+    order = ["kernel", "bias", "table", "other"]
+    step = make_step(opt, mode, [variables[k] for k in order])
+    refs = {True: AdamaxReference(learning_rate=0.05, weight_decay=0.5,
+                                  sparse_mode="lazy"),
+            False: AdamaxReference(learning_rate=0.05, sparse_mode="lazy")}
+    decays = {"kernel": True, "bias": False, "table": False, "other": True}
+    for k in order:
+        refs[decays[k]].add_variable(k, init[k], np.float32)
+    for _ in range(3):
+        grads = {k: rng.standard_normal(init[k].shape).astype(np.float32)
+                 for k in ("kernel", "bias")}
+        rows = np.array([1, 2, 1])
+        values = {k: rng.standard_normal((3, 2)).astype(np.float32)
+                  for k in ("table", "other")}
+        step([tf.constant(grads["kernel"]), tf.constant(grads["bias"])]
+             + [tf.IndexedSlices(tf.constant(values[k]), tf.constant(rows),
+                                 tf.constant([4, 2])) for k in ("table", "other")])
+        for decayed in (True, False):
+            refs[decayed].apply(
+                {k: (grads[k] if k in grads else
+                     SparseGrad(rows, values[k].astype(np.float64)))
+                 for k in order if decays[k] == decayed})
+    for k in order:
+        np.testing.assert_allclose(variables[k].numpy(), refs[decays[k]].w[k],
+                                   rtol=1e-6, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("bad", ("inf", "overflow"))
+@pytest.mark.parametrize("mode", ("eager", "jit"))
+def test_global_clipnorm_with_non_finite_norm_poisons_every_variable(mode, bad):
+    """As Keras (`tf.clip_by_global_norm`): an inf gradient, or finite ones
+    whose squared sum overflows, gives a NaN norm and NaN everywhere, not a
+    silently clipped or skipped update of the other variables."""
+    big = np.float32(np.inf) if bad == "inf" else np.float32(3e19)
+    grads = [np.array([1.0, big], np.float32), np.array([0.5, -0.5], np.float32)]
+    results = []
+    for make in (lambda: make_optimizer(mode, learning_rate=0.1, global_clipnorm=1.0),
+                 lambda: keras.optimizers.Adamax(learning_rate=0.1,
+                                                 global_clipnorm=1.0)):
+        variables = [tf.Variable([1.0, 2.0]), tf.Variable([3.0, 4.0])]
+        make().apply_gradients(zip([tf.constant(g) for g in grads], variables))
+        results.append([np.isnan(v.numpy()) for v in variables])
+    assert all(r.all() for r in results[1]), results[1]  # Keras: NaN everywhere
+    for ours, theirs in zip(*results):
+        np.testing.assert_array_equal(ours, theirs)

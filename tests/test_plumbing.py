@@ -37,8 +37,11 @@ def test_dynamic_length_sparse_padding_changes_nothing(mode):
             grad = tf.IndexedSlices(values, ids, tf.constant([40, 3]))
             opts[jit].apply_gradients([(grad, tables[jit])])
 
+    # The first and last rows get moments first, then are never named again:
+    # padding that pointed at a real row (not past the table) would move them.
+    step(np.array([0, 39], np.int32), rng.normal(size=(2, 3)).astype(np.float32))
     for n in [1, 3, 9, 10, 17, 5, 33]:
-        ids = rng.integers(0, 40, size=n).astype(np.int32)
+        ids = rng.integers(1, 39, size=n).astype(np.int32)
         ids[: n // 2] = ids[0]  # duplicates
         step(ids, rng.normal(size=(n, 3)).astype(np.float32))
     np.testing.assert_allclose(tables[True].numpy(), tables[False].numpy(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 
 from google.protobuf import wrappers_pb2
@@ -261,7 +262,9 @@ class Adamax(tf.Module):
         return self._config.sparse_mode
 
     def exclude_from_weight_decay(self, var_list=None, var_names=None):
-        """Excludes variables (objects or name substrings) from weight decay.
+        """Excludes variables from weight decay: those in `var_list`, and
+        those whose name (`tf.Variable.name`) a pattern of `var_names`
+        matches (`re.search`, as in Keras).
 
         Call before the first step, as in Keras.
         """
@@ -275,7 +278,7 @@ class Adamax(tf.Module):
         if _distribute.var_key(var) in self._fns.exclude_ids:
             return False
         name = _distribute.name(var)
-        return not any(n in name for n in self._fns.exclude_names)
+        return not any(re.search(n, name) for n in self._fns.exclude_names)
 
     # ------------------------------------------------------------------
     # State
