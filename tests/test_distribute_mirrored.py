@@ -66,22 +66,14 @@ def child_mirrored(configs, num_steps, ckpt_modes, ckpt_dir):
         except Exception:  # noqa: BLE001 - reported by the owning test
             rec = dh.error_record()
         results[dh.config_name(cfg)] = rec
-    try:
-        results["cross-replica"] = child_cross_replica(tf, strategy)
-    except Exception:  # noqa: BLE001
-        results["cross-replica"] = dh.error_record()
-    try:
-        results["replica-shape"] = child_replica_shape_mismatch(tf, strategy)
-    except Exception:  # noqa: BLE001
-        results["replica-shape"] = dh.error_record()
-    try:
-        results["constraint"] = child_constraint(tf, strategy)
-    except Exception:  # noqa: BLE001
-        results["constraint"] = dh.error_record()
-    try:
-        results["sparse-stays-sparse"] = child_sparse_stays_sparse(tf, strategy)
-    except Exception:  # noqa: BLE001
-        results["sparse-stays-sparse"] = dh.error_record()
+    for key, child in (("cross-replica", child_cross_replica),
+                       ("replica-shape", child_replica_shape_mismatch),
+                       ("constraint", child_constraint),
+                       ("sparse-stays-sparse", child_sparse_stays_sparse)):
+        try:
+            results[key] = child(tf, strategy)
+        except Exception:  # noqa: BLE001 - reported by the owning test
+            results[key] = dh.error_record()
     for mode in ckpt_modes:
         try:
             with dh.timed(f"ckpt-{mode}"):

@@ -186,15 +186,13 @@ def _shape_checks(grad, var):
 
 
 def _assert_shape(actual, expected, message):
-    """Asserts that the shape vector `actual` fits the static `expected`."""
-    if expected.rank is None:
-        return tf.no_op()
+    """Asserts that the shape vector `actual` equals the static `expected`
+    (fully defined: `check_variable` refuses other variables)."""
     rank = expected.rank
     # Padded, so a gradient of lower rank is compared without an index error.
     padded = tf.concat([actual, tf.fill([rank], -1)], 0)
     ok = [tf.equal(tf.size(actual), rank)] + [
-        tf.equal(padded[i], d) for i, d in enumerate(expected.as_list())
-        if d is not None]
+        tf.equal(padded[i], d) for i, d in enumerate(expected.as_list())]
     return tf.debugging.Assert(tf.reduce_all(tf.stack(ok)), [
         message, str(expected), "got", actual])
 
@@ -211,7 +209,6 @@ def static_shape(grad, var):
     """
     if (not tf.is_tensor(grad) or isinstance(grad, tf.IndexedSlices)
             or grad.shape.is_fully_defined()
-            or not var.shape.is_fully_defined()
             or not _private.in_xla_context()):
         return grad
     return tf.ensure_shape(grad, var.shape)

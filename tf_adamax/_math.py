@@ -39,6 +39,14 @@ class Hyper(typing.NamedTuple):
     step: typing.Any  # t = iterations + 1, any numeric dtype
     weight_decay: typing.Any = None
 
+    @classmethod
+    def of(cls, source, learning_rate, step, weight_decay=None):
+        """This step's `Hyper`, with `beta_1`, `beta_2` and `epsilon` read
+        from `source` (an optimizer's config, or a Keras adapter)."""
+        return cls(learning_rate=learning_rate, beta_1=source.beta_1,
+                   beta_2=source.beta_2, epsilon=source.epsilon, step=step,
+                   weight_decay=weight_decay)
+
 
 def compute_dtype(var_dtype):
     """The dtype the slots of a `var_dtype` variable are kept and computed in.
@@ -259,9 +267,9 @@ def merge_duplicates(slices):
 
 
 def num_rows(var):
-    """Rows of `var` without reading it (`tf.shape(var)` copies a variable)."""
-    static = var.shape[0]
-    return static if static is not None else tf.shape(var.read_value())[0]
+    """Rows of `var`, from its static shape (the optimizer refuses variables
+    whose shape is not fully defined; `tf.shape(var)` would copy it)."""
+    return var.shape[0]
 
 
 def densify(indices, values, num_rows):

@@ -157,14 +157,9 @@ def global_grad_norm(config, grads):
 def _update(config, states, grads, decays, step, learning_rate):
     """Weight decay + Adamax for each variable (the `_math` kernels)."""
     for state, grad, decay in zip(states, grads, decays):
-        hyper = _math.Hyper(
-            learning_rate=learning_rate,
-            beta_1=config.beta_1,
-            beta_2=config.beta_2,
-            epsilon=config.epsilon,
-            step=step,
-            weight_decay=config.weight_decay if decay else None,
-        )
+        hyper = _math.Hyper.of(
+            config, learning_rate, step,
+            weight_decay=config.weight_decay if decay else None)
         if isinstance(grad, SparseRows):
             _math.rows_step(state.var, state.momentum, state.norm, grad.rows,
                             grad.once, grad.run_start, hyper,

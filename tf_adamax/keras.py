@@ -15,11 +15,10 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from tf_adamax import _adapter
 from tf_adamax import _checks
-from tf_adamax import _distribute
 from tf_adamax import _hyper
 from tf_adamax import _math
-from tf_adamax._untracked import Untracked
 
 __all__ = ["Adamax"]
 
@@ -45,7 +44,7 @@ class _DivisibleSlices(tf.IndexedSlices):
 
 
 @keras.saving.register_keras_serializable(package="tf_adamax")
-class Adamax(keras.optimizers.Optimizer):
+class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
     """Adamax (Kingma & Ba 2014, section 7.1) for Keras 3, with exact sparse updates.
 
     A drop-in replacement for `keras.optimizers.Adamax` (same arguments,
@@ -180,8 +179,6 @@ class Adamax(keras.optimizers.Optimizer):
         self.beta_2 = beta_2
         self.epsilon = epsilon
         self.sparse_mode = sparse_mode
-        self._update_all_fn = None
-        self._lazy_decay = frozenset()  # see `_hyper.lazy_decay_keys`
 
     def build(self, var_list):
         """Creates the slots `momentum` (m) and `norm` (u) of each variable.
@@ -248,22 +245,10 @@ class Adamax(keras.optimizers.Optimizer):
                         tf.cast(self.iterations, tf.int64) + 1,
                         _hyper.run_time_decay(self.weight_decay))
 
-    def _apply_one(self, gradient, variable, learning_rate, step, decay):
+    def _slots_of(self, variable):
         index = self._get_variable_index(variable)
-        hyper = _math.Hyper(
-            learning_rate=learning_rate,
-            beta_1=self.beta_1,
-            beta_2=self.beta_2,
-            epsilon=self.epsilon,
-            step=step,
-            # Keras 3 applied it before this call, except to the named rows
-            # of a lazy sparse step.
-            weight_decay=(decay if self._var_key(variable) in self._lazy_decay
-                          else None),
-        )
-        _math.apply_gradient(
-            _tf_variable(variable), _tf_variable(self._m[index]),
-            _tf_variable(self._u[index]), gradient, hyper, self.sparse_mode)
+        return (_tf_variable(variable), _tf_variable(self._m[index]),
+                _tf_variable(self._u[index]))
 
     def _distributed_tf_update_step(self, distribution, grads_and_vars,
                                     learning_rate):
@@ -281,23 +266,9 @@ class Adamax(keras.optimizers.Optimizer):
         if tf.distribute.has_strategy():
             return super()._distributed_tf_update_step(
                 distribution, grads_and_vars, learning_rate)
-        if self._update_all_fn is None:
-            # Kept out of Keras's attribute tracking (and SavedModel). A
-            # long list on CPU is cut into one program per core, as in the
-            # core optimizer.
-            self._update_all_fn = Untracked(
-                fn=_distribute.CompiledParts(self._update_all))
-        grads, variables = zip(*grads_and_vars)
-        # Rate and step read here: the programs run on the variables' devices.
-        self._update_all_fn.fn(
-            list(grads), list(variables),
-            tf.convert_to_tensor(_tf_variable(learning_rate)),
-            tf.cast(self.iterations, tf.int64) + 1,
-            _hyper.run_time_decay(self.weight_decay))
-
-    def _update_all(self, grads, variables, learning_rate, step, decay):
-        for grad, variable in zip(grads, variables):
-            self._apply_one(grad, variable, learning_rate, step, decay)
+        self._update_compiled(grads_and_vars,
+                              tf.convert_to_tensor(_tf_variable(learning_rate)),
+                              tf.cast(self.iterations, tf.int64) + 1)
 
     def apply(self, grads, trainable_variables=None):
         """Applies gradients (see `keras.optimizers.Optimizer.apply`).
@@ -331,12 +302,6 @@ class Adamax(keras.optimizers.Optimizer):
                      if isinstance(g, tf.IndexedSlices) else g for g in grads]
         with tf.control_dependencies(checks):
             return super().apply(grads, trainable_variables)
-
-    def _apply_weight_decay(self, variables):
-        # Keras 3's hook (private): lazy sparse steps decay their named rows
-        # in the kernel instead (`_hyper.lazy_decay_keys`).
-        return super()._apply_weight_decay(
-            [v for v in variables if self._var_key(v) not in self._lazy_decay])
 
     def _clips(self):
         return any(x is not None and x > 0 for x in (

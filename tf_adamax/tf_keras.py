@@ -15,17 +15,16 @@ import os
 import tensorflow as tf
 import tf_keras
 
+from tf_adamax import _adapter
 from tf_adamax import _checks
-from tf_adamax import _distribute
 from tf_adamax import _hyper
 from tf_adamax import _math
-from tf_adamax._untracked import Untracked
 
 __all__ = ["Adamax", "load_model"]
 
 
 @tf_keras.saving.register_keras_serializable(package="tf_adamax")
-class Adamax(tf_keras.optimizers.Optimizer):
+class Adamax(_adapter.KernelUpdates, tf_keras.optimizers.Optimizer):
     """Adamax (Kingma & Ba 2014, section 7.1) for tf-keras, with a lazy sparse mode.
 
     A drop-in replacement for `tf_keras.optimizers.Adamax` (same arguments,
@@ -151,8 +150,6 @@ class Adamax(tf_keras.optimizers.Optimizer):
         # tf-keras turns `self.jit_compile` off without a GPU; the update of
         # all variables is compiled as one program on any device.
         self._jit_all = jit_compile
-        self._update_all_fn = None
-        self._lazy_decay = frozenset()  # see `_hyper.lazy_decay_keys`
 
     def build(self, var_list):
         """Creates the slots `m` and `u` of each variable.
@@ -204,21 +201,9 @@ class Adamax(tf_keras.optimizers.Optimizer):
                         self.iterations + 1,
                         _hyper.run_time_decay(self.weight_decay))
 
-    def _apply_one(self, gradient, variable, learning_rate, step, decay):
-        key = self._var_key(variable)
-        index = self._index_dict[key]
-        hyper = _math.Hyper(
-            learning_rate=learning_rate,
-            beta_1=self.beta_1,
-            beta_2=self.beta_2,
-            epsilon=self.epsilon,
-            step=step,
-            # tf-keras applied it before this call, except to the named rows
-            # of a lazy sparse step.
-            weight_decay=decay if key in self._lazy_decay else None,
-        )
-        _math.apply_gradient(variable, self._m[index], self._u[index],
-                             gradient, hyper, self.sparse_mode)
+    def _slots_of(self, variable):
+        index = self._index_dict[self._var_key(variable)]
+        return variable, self._m[index], self._u[index]
 
     def _distributed_apply_gradients_fn(self, distribution, grads_and_vars,
                                         **kwargs):
@@ -238,17 +223,9 @@ class Adamax(tf_keras.optimizers.Optimizer):
                 or self.use_ema):
             return super()._distributed_apply_gradients_fn(
                 distribution, grads_and_vars, **kwargs)
-        if self._update_all_fn is None:
-            # A long list on CPU is cut into one program per core, as in
-            # the core optimizer.
-            self._update_all_fn = Untracked(
-                fn=_distribute.CompiledParts(self._update_all))
-        grads, variables = zip(*grads_and_vars)
-        # Rate and step read here: the programs run on the variables' devices.
-        self._update_all_fn.fn(list(grads), list(variables),
-                               tf.convert_to_tensor(self.learning_rate),
-                               self.iterations + 1,
-                               _hyper.run_time_decay(self.weight_decay))
+        self._update_compiled(grads_and_vars,
+                              tf.convert_to_tensor(self.learning_rate),
+                              self.iterations + 1)
         # With no pairs left, tf-keras only increments `iterations` (ordered
         # after the update's read of it by TF's automatic control deps).
         return super()._distributed_apply_gradients_fn(distribution, [],
@@ -263,21 +240,15 @@ class Adamax(tf_keras.optimizers.Optimizer):
         XLA they would be dropped silently.
         """
         grads_and_vars = list(grads_and_vars)
-        checks = _checks.checked_before_keras(
-            [g for g, _ in grads_and_vars], [v for _, v in grads_and_vars])
+        grads = [g for g, _ in grads_and_vars]
+        variables = [v for _, v in grads_and_vars]
+        checks = _checks.checked_before_keras(grads, variables)
         self._check_known([v for g, v in grads_and_vars if g is not None])
         self._lazy_decay = _hyper.lazy_decay_keys(
-            self.sparse_mode, False, [g for g, _ in grads_and_vars],
-            [v for _, v in grads_and_vars], self._var_key,
+            self.sparse_mode, False, grads, variables, self._var_key,
             self._use_weight_decay)
         with tf.control_dependencies(checks):
             return super().apply_gradients(grads_and_vars, *args, **kwargs)
-
-    def _apply_weight_decay(self, variables):
-        # tf-keras's hook (private): lazy sparse steps decay their named rows
-        # in the kernel instead (`_hyper.lazy_decay_keys`).
-        return super()._apply_weight_decay(
-            [v for v in variables if self._var_key(v) not in self._lazy_decay])
 
     def _check_known(self, variables):
         """Once built, tf-keras updates only the variables it was built with;
@@ -294,10 +265,6 @@ class Adamax(tf_keras.optimizers.Optimizer):
                     "list of trainable variables before the first step (e.g. "
                     "before freezing layers), or create a new optimizer when "
                     "the trainable variables change.")
-
-    def _update_all(self, grads, variables, learning_rate, step, decay):
-        for grad, variable in zip(grads, variables):
-            self._apply_one(grad, variable, learning_rate, step, decay)
 
     def _clip_gradients(self, grads):
         # tf-keras's hook between gradient aggregation and clipping (private,

@@ -1,0 +1,64 @@
+"""What the two Keras adapters share around the kernels.
+
+Each adapter subclasses its Keras generation's optimizer and this mixin
+(first, so its `_apply_weight_decay` wraps Keras's). The adapter provides
+`_slots_of(variable)` (its `tf.Variable`, `m` and `u`); Keras provides
+`_var_key`, `weight_decay` and `_apply_weight_decay`.
+"""
+
+from __future__ import annotations
+
+from tf_adamax import _distribute
+from tf_adamax import _hyper
+from tf_adamax import _math
+from tf_adamax._untracked import Untracked
+
+
+class KernelUpdates:
+    """One gradient per variable through `_math.apply_gradient`, and all of
+    a step's variables in compiled programs (`_distribute.CompiledParts`).
+
+    `_lazy_decay` holds the keys of the variables whose weight decay the
+    kernel applies to a lazy step's named rows instead of Keras
+    (`_hyper.lazy_decay_keys`, set by the adapter before each step).
+    """
+
+    _lazy_decay = frozenset()
+    _update_all_fn = None
+
+    def _slots_of(self, variable):
+        """`(var, m, u)` as `tf.Variable`s for a model variable."""
+        raise NotImplementedError
+
+    def _apply_one(self, gradient, variable, learning_rate, step, decay):
+        var, m, u = self._slots_of(variable)
+        hyper = _math.Hyper.of(
+            self, learning_rate, step,
+            # Keras applied it before this call, except to the named rows of
+            # a lazy sparse step.
+            weight_decay=(decay if self._var_key(variable) in self._lazy_decay
+                          else None))
+        _math.apply_gradient(var, m, u, gradient, hyper, self.sparse_mode)
+
+    def _update_all(self, grads, variables, learning_rate, step, decay):
+        for grad, variable in zip(grads, variables):
+            self._apply_one(grad, variable, learning_rate, step, decay)
+
+    def _update_compiled(self, grads_and_vars, learning_rate, step):
+        """Every pair in one XLA program per device (one per core for a long
+        list on CPU, as in the core optimizer). The rate, step and decay are
+        read here and passed in: the programs run on the variables'
+        devices, and a trace must not freeze them."""
+        if self._update_all_fn is None:
+            # Kept out of Keras's attribute tracking (and SavedModel).
+            self._update_all_fn = Untracked(
+                fn=_distribute.CompiledParts(self._update_all))
+        grads, variables = zip(*grads_and_vars)
+        self._update_all_fn.fn(list(grads), list(variables), learning_rate,
+                               step, _hyper.run_time_decay(self.weight_decay))
+
+    def _apply_weight_decay(self, variables):
+        # Keras's hook (private, in both generations): lazy sparse steps
+        # decay their named rows in the kernel instead.
+        return super()._apply_weight_decay(
+            [v for v in variables if self._var_key(v) not in self._lazy_decay])
