@@ -19,7 +19,6 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import exact_kernel  # noqa: E402
 from reference import AdamaxReference, SparseGrad, slot_dtype  # noqa: E402,F401
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
@@ -166,13 +165,6 @@ def random_sparse(rng, num_rows, row_shape, nnz, dtype, *, opposite_duplicates=T
         tf.constant(values, dtype=dtype), tf.constant(indices, tf.int64),
         dense_shape=tf.constant((num_rows,) + tuple(row_shape), tf.int64))
     return slices, SparseGrad(indices, values.astype(np.float64))
-
-
-@pytest.fixture(params=exact_kernel.KINDS)
-def exact_kernel_kind(request):
-    """Runs the test once per formulation of the exact sparse step."""
-    with exact_kernel.forced(request.param):
-        yield request.param
 
 
 @pytest.fixture

@@ -81,8 +81,6 @@ def config_name(cfg):
         parts.append(cfg["replica_fn"])
     if cfg.get("build", "implicit") != "implicit":
         parts.append(f"build-{cfg['build']}")
-    if cfg.get("exact_kernel"):
-        parts.append(f"{cfg['exact_kernel']}-kernel")
     return "-".join(parts)
 
 

@@ -16,7 +16,6 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 import dist_helpers as dh  # noqa: E402
-import exact_kernel  # noqa: E402
 
 NUM_STEPS = 5
 NUM_REPLICAS = 2
@@ -26,17 +25,11 @@ JIT = (True, False)
 # "dense" densifies the embedding gradient before apply_gradients.
 PLAIN_CONFIGS = [dict(sparse_mode=m, jit_compile=j, replica_fn="plain")
                  for m in SPARSE_MODES for j in JIT]
-# The toy table is small, so exact mode materializes the gradient by default;
-# these force its scatter kernel (tests/exact_kernel.py).
-PLAIN_CONFIGS += [dict(sparse_mode="exact", jit_compile=j, replica_fn="plain",
-                       exact_kernel="rows") for j in JIT]
 # Acceptance 2: forward/backward is its own tf.function(jit_compile=True), then
 # apply_gradients runs in the replica function (where tf-keras hits "merge_call called
 # while defining a new graph"). The optimizer keeps its own jit_compile=True too.
 XLA_CONFIGS = [dict(sparse_mode=m, jit_compile=True, replica_fn="xla")
                for m in ("exact", "lazy")]
-XLA_CONFIGS += [dict(sparse_mode="exact", jit_compile=True, replica_fn="xla",
-                     exact_kernel="rows")]
 # Acceptance 5: checkpoint round trips Mirrored <-> no strategy.
 # Lazy mode: its untouched rows keep zero slots, which must survive the round trip.
 CKPT_MODES = ("lazy",)
@@ -56,8 +49,7 @@ def child_mirrored(configs, num_steps, ckpt_modes, ckpt_dir):
     for cfg in configs:
         rec = {}
         try:
-            with dh.timed(dh.config_name(cfg)), \
-                    exact_kernel.forced(cfg.get("exact_kernel")):
+            with dh.timed(dh.config_name(cfg)):
                 dh.reference_record(cfg, ids, y, init, rec, cache=cache)
                 trainer = dh.StrategyTrainer(strategy, cfg, init)
                 for s in range(num_steps):

@@ -242,8 +242,7 @@ OUT_OF_RANGE = "(?i)out of range|out-of-range|outside|not in \\[0"
 @pytest.mark.parametrize("sparse_mode", ("exact", "lazy"))
 @pytest.mark.parametrize("mode,bad", [("eager", ROWS), ("eager", -1),
                                       ("function", ROWS)])
-def test_out_of_range_indices_raise_and_change_nothing(mode, bad, sparse_mode,
-                                                       exact_kernel_kind):
+def test_out_of_range_indices_raise_and_change_nothing(mode, bad, sparse_mode):
     opt, (a, b, emb) = _trained(mode, sparse_mode)
     before = snapshot(opt, [a, b, emb])
     bad_grad = _slices([1, bad, 3], np.ones((3, 3)))
@@ -266,8 +265,7 @@ def _expect_dropped(opt, emb, emb_before, slots_before, indices, values, bad,
 
 @pytest.mark.parametrize("sparse_mode", ("exact", "lazy"))
 @pytest.mark.parametrize("opt_jit,bad", [(True, ROWS), (True, -1), (False, ROWS)])
-def test_out_of_range_row_is_dropped_inside_xla(opt_jit, bad, sparse_mode,
-                                                exact_kernel_kind):
+def test_out_of_range_row_is_dropped_inside_xla(opt_jit, bad, sparse_mode):
     """XLA cannot assert: the bad row is dropped, never clamped onto a row."""
     opt, (a, b, emb) = _trained("jit" if opt_jit else "eager", sparse_mode)
     emb_before = emb.numpy().astype(np.float64)
@@ -285,7 +283,7 @@ def test_out_of_range_row_is_dropped_inside_xla(opt_jit, bad, sparse_mode,
 
 
 @pytest.mark.parametrize("sparse_mode", ("exact", "lazy"))
-def test_out_of_range_with_compiled_optimizer_called_eagerly(sparse_mode, exact_kernel_kind):
+def test_out_of_range_with_compiled_optimizer_called_eagerly(sparse_mode):
     """jit_compile=True, eager call: a clear error with no state change, or the
     documented XLA behaviour (row dropped) — never a clamped update."""
     opt, (a, b, emb) = _trained("jit", sparse_mode)

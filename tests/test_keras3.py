@@ -182,7 +182,7 @@ def fit_embedding(optimizer, mode):
 
 @pytest.mark.parametrize("mode", ["eager", "jit"])
 @pytest.mark.parametrize("sparse_mode", ["exact", "lazy"])
-def test_embedding_duplicates_match_reference(sparse_mode, mode, exact_kernel_kind):
+def test_embedding_duplicates_match_reference(sparse_mode, mode):
     opt = Adamax(learning_rate=EMB_LR, sparse_mode=sparse_mode)
     model = fit_embedding(opt, mode)
     ref = embedding_reference(sparse_mode)

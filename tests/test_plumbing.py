@@ -193,20 +193,35 @@ def test_many_variables_split_over_cores_match_reference(monkeypatch, rng, kwarg
     assert opt._fns.update.experimental_get_tracing_count() == 2
 
 
-def test_exact_mode_materializes_the_gradient_only_for_small_tables():
-    """The size rule of `sparse_mode="exact"` (both formulations are checked
-    against the reference in test_sparse.py): static shapes only."""
+@pytest.mark.parametrize("length", ["static", "unknown", "empty"])
+@pytest.mark.parametrize("jit", [False, True])
+def test_exact_kernel_reads_each_rows_gradient_from_its_first_entry(length, jit):
+    """The exact step never materializes the gradient as a table: each loop
+    over the table gathers its row's term from the entries (`_per_row`).
+    That gather must give the densified gradient, zero for rows not named
+    and for out-of-range entries, whether the batch length is static (clamp
+    and select), unknown (a zero row appended) or zero."""
     from tf_adamax import _math
 
-    ids = tf.zeros([4], tf.int32)
-    per_row = _math._DENSE_ROWS_PER_SPARSE_ROW
-    assert _math.exact_as_dense(ids, 4 * per_row)
-    assert not _math.exact_as_dense(ids, 4 * per_row + 1)
-    assert not _math.exact_as_dense(ids, tf.constant(4))  # table size unknown
+    rows = np.array([3, 0, 3, 5, -1, 0, 3, 7], np.int32)  # 5 rows; -1, 7 out
+    values = np.arange(8 * 2, dtype=np.float32).reshape(8, 2) - 5.0
+    values[2] = -values[0]  # row 3: opposite signs
+    if length == "empty":
+        rows, values = rows[:0], values[:0]
+    spec = [tf.TensorSpec([None if length == "unknown" else len(rows)],
+                          tf.int32),
+            tf.TensorSpec([None if length == "unknown" else len(rows), 2],
+                          tf.float32)]
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32)])
-    def dynamic(ids):
-        assert not _math.exact_as_dense(ids, 8)  # nnz unknown
-        return ids
+    @tf.function(input_signature=spec, jit_compile=jit and length != "unknown")
+    def per_row(r, v):
+        once = _math.sum_duplicates_by_row(r, v, 5)
+        return (_math._per_row(lambda x: x, r, once, 5),
+                _math._per_row(tf.abs, r, once, 5))
 
-    dynamic(ids)
+    got, got_abs = per_row(rows, values)
+    keep = (rows >= 0) & (rows < 5)
+    want = np.zeros((5, 2), np.float32)
+    np.add.at(want, rows[keep], values[keep])
+    np.testing.assert_array_equal(got.numpy(), want)
+    np.testing.assert_array_equal(got_abs.numpy(), np.abs(want))

@@ -6,7 +6,6 @@ import tensorflow as tf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import exact_kernel
 from conftest import (AdamaxReference, SparseGrad, check_against_reference,
                       make_optimizer, make_step, np_dtype)
 
@@ -33,7 +32,6 @@ def scenarios(draw):
         dtype=dtype, rows=rows, row_shape=row_shape, plan=plan,
         mode=draw(st.sampled_from(["eager", "function", "jit"])),
         sparse_mode=draw(st.sampled_from(["exact", "lazy"])),
-        exact_kernel=draw(st.sampled_from(exact_kernel.KINDS)),
         learning_rate=draw(st.sampled_from([0.001, 0.1])),
         beta_1=draw(st.sampled_from([0.0, 0.9])),
         beta_2=draw(st.sampled_from([0.5, 0.999])),
@@ -44,11 +42,6 @@ def scenarios(draw):
 @SETTINGS
 @given(scenarios())
 def test_every_path_agrees_with_reference(s):
-    with exact_kernel.forced(s["exact_kernel"]):
-        _check_scenario(s)
-
-
-def _check_scenario(s):
     rng = np.random.default_rng(s["seed"])
     dtype, shape = s["dtype"], (s["rows"],) + s["row_shape"]
     init = rng.standard_normal(shape).astype(np_dtype(dtype))

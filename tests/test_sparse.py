@@ -56,7 +56,7 @@ def _slices(indices, values, dtype):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", SPARSE_DTYPES)
-def test_exact_sparse_equals_densified_gradient(dtype, mode, rng, exact_kernel_kind):
+def test_exact_sparse_equals_densified_gradient(dtype, mode, rng):
     setup = _setup(rng, dtype, "exact", mode)
     emb, bias, opt, step, ref = setup
     # The same optimizer path fed tf.convert_to_tensor(slices) (two paths are
@@ -80,7 +80,7 @@ def test_exact_sparse_equals_densified_gradient(dtype, mode, rng, exact_kernel_k
 
 
 @pytest.mark.parametrize("mode", ("eager", "jit"))
-def test_exact_duplicates_that_cancel_leave_row_untouched(mode, exact_kernel_kind):
+def test_exact_duplicates_that_cancel_leave_row_untouched(mode):
     """+g and -g on one row sum to zero: |sum| = 0, not max(|g|, |-g|)."""
     emb = tf.Variable(np.ones((ROWS,) + ROW_SHAPE), dtype=tf.float64)
     opt = make_optimizer(mode, learning_rate=LR)
@@ -153,8 +153,7 @@ def test_lazy_sparse_touches_only_named_rows(dtype, mode, rng):
                                     dict(clipvalue=0.3), dict(loss_scale_factor=4.0)],
                          ids=["clipnorm", "global_clipnorm", "clipvalue",
                               "loss_scale_factor"])
-def test_sparse_gradient_transforms_use_summed_gradient(sparse_mode, kwargs, rng,
-                                                         exact_kernel_kind):
+def test_sparse_gradient_transforms_use_summed_gradient(sparse_mode, kwargs, rng):
     """Clipping sees the densified (duplicates summed) gradient."""
     setup = _setup(rng, "float32", sparse_mode, "jit", **kwargs)
     for t in range(1, 6):
@@ -163,7 +162,7 @@ def test_sparse_gradient_transforms_use_summed_gradient(sparse_mode, kwargs, rng
 
 @pytest.mark.parametrize("sparse_mode", ("exact", "lazy"))
 @pytest.mark.parametrize("mode", ("eager", "jit"))
-def test_sparse_gradient_with_no_indices(mode, sparse_mode, rng, exact_kernel_kind):
+def test_sparse_gradient_with_no_indices(mode, sparse_mode, rng):
     emb, bias, opt, step, ref = _setup(rng, "float64", sparse_mode, mode)
     slices, sg = random_sparse(rng, ROWS, ROW_SHAPE, 5, "float64")
     gb = _dense_bias_grad(rng, "float64")
@@ -183,7 +182,7 @@ def test_sparse_gradient_with_no_indices(mode, sparse_mode, rng, exact_kernel_ki
 
 
 @pytest.mark.parametrize("sparse_mode", ("exact", "lazy"))
-def test_embedding_lookup_gradient_from_tape(sparse_mode, rng, exact_kernel_kind):
+def test_embedding_lookup_gradient_from_tape(sparse_mode, rng):
     """Real tf.gather gradients (int32 indices, repeated ids) in a custom loop."""
     emb0 = rng.standard_normal((ROWS, 4)).astype(np.float32)
     w0 = rng.standard_normal((4,)).astype(np.float32)
@@ -227,8 +226,7 @@ def _lookup_grads(emb, w, ids, y):
 
 @pytest.mark.parametrize("sparse_mode", ["exact", "lazy"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_half_precision_sparse_matches_reference(dtype, sparse_mode, rng,
-                                                 exact_kernel_kind):
+def test_half_precision_sparse_matches_reference(dtype, sparse_mode, rng):
     """Half-precision tables (float32 slots) through every sparse kernel, XLA."""
     setup = _setup(rng, dtype, sparse_mode, "xla")
     for t in range(1, 6):

@@ -223,13 +223,33 @@ def per_entry(once, run_start):
     return tf.gather(once, run_start)
 
 
+def _entry_of_each_row(indices, num_rows):
+    """For each table row, the first entry of `indices` naming it.
+
+    Returns `(entry, slot)`: `entry[r]` (r in `[0, num_rows]`) is the
+    smallest position `i` with `indices[i] == r`, or `n = len(indices)` if
+    no entry names row r; `entry[num_rows]` collects the entries whose index
+    is outside `[0, num_rows)`. `slot[i]` is entry i's row, `num_rows` for
+    those out-of-range entries, so no index is ever out of range. One int
+    per table row: 1/64 of a 64-wide float table.
+    """
+    n = tf.shape(indices, out_type=indices.dtype)[0]
+    num_rows = tf.cast(num_rows, indices.dtype)
+    valid = (indices >= 0) & (indices < num_rows)
+    slot = tf.where(valid, indices, num_rows)
+    entry = tf.tensor_scatter_nd_min(
+        tf.fill([num_rows + 1], n), slot[:, None],
+        tf.range(n, dtype=indices.dtype))
+    return entry, slot
+
+
 def sum_duplicates_by_row(indices, values, num_rows):
     """Sums the rows of an IndexedSlices that name the same index, by table.
 
     For callers that are O(num_rows) anyway (the exact step): one index per
-    table row records the first entry naming it, which on XLA:CPU costs less
-    than sorting the entries. Entries keep their input order; half-precision
-    rows are summed, and returned, in float32.
+    table row records the first entry naming it (`_entry_of_each_row`), which
+    on XLA:CPU costs less than sorting the entries. Entries keep their input
+    order; half-precision rows are summed, and returned, in float32.
 
     Returns:
       `once`, aligned with `indices`: at the first entry naming each row, the
@@ -238,19 +258,12 @@ def sum_duplicates_by_row(indices, values, num_rows):
       those before this where asserts can run; inside XLA they are dropped).
     """
     values = _summable(values)
-    n = tf.shape(indices, out_type=indices.dtype)[0]
-    num_rows = tf.cast(num_rows, indices.dtype)
-    position = tf.range(n, dtype=indices.dtype)
-    valid = (indices >= 0) & (indices < num_rows)
-    # Invalid entries share one extra slot, so no index is ever out of range.
-    slot = tf.where(valid, indices, num_rows)
-    first = tf.gather(
-        tf.tensor_scatter_nd_min(tf.fill([num_rows + 1], n), slot[:, None],
-                                 position),
-        slot)
+    entry, slot = _entry_of_each_row(indices, num_rows)
+    valid = slot < tf.cast(num_rows, slot.dtype)
     # Negative segment ids are dropped: invalid entries add nothing.
     return tf.math.unsorted_segment_sum(
-        values, tf.where(valid, first, -1), n)
+        values, tf.where(valid, tf.gather(entry, slot), -1),
+        tf.shape(indices)[0])
 
 
 def merge_duplicates(slices):
@@ -282,51 +295,55 @@ def densify(indices, values, num_rows):
     return tf.math.unsorted_segment_sum(_summable(values), indices, num_rows)
 
 
-# Measured on XLA:CPU with 4096 rows of 64 (benchmarks/): materializing the
-# gradient wins up to about 11 table rows per sparse row, the scatters of
-# `exact_rows_step` beyond.
-_DENSE_ROWS_PER_SPARSE_ROW = 8
+def _per_row(term, rows, once, num_rows):
+    """`term(g)` for every table row, g the row's summed gradient (zero for
+    rows not named), as a gather from the entries: XLA fuses it into the
+    loop that consumes it, so no table-sized gradient is ever written.
 
-
-def exact_as_dense(indices, num_rows):
-    """Whether an exact step is cheaper through the densified gradient.
-
-    When the batch names a large share of a small table, one scatter into a
-    zero table and `dense_step` cost less than `exact_rows_step`'s row table
-    and scatters. Decided from static shapes only (unknown: no).
+    `term` must map a zero row to zero (both gradient terms do), and is
+    applied before the gather so that each consumer has its own gather to
+    fuse (XLA does not duplicate a gather feeding two loops).
     """
-    nnz = indices.shape[0]
-    return (isinstance(num_rows, int) and nnz is not None
-            and num_rows <= _DENSE_ROWS_PER_SPARSE_ROW * nnz)
+    n_static = rows.shape[0]
+    if n_static:
+        # `entry` is n for rows not named: clamp, then select zero.
+        entry, _ = _entry_of_each_row(rows, num_rows)
+        entry = entry[:num_rows]
+        n = tf.cast(n_static, entry.dtype)
+        picked = tf.gather(term(once), tf.minimum(entry, n - 1))
+        named = tf.reshape(entry < n, [-1] + [1] * (once.shape.rank - 1))
+        return tf.where(named, picked, tf.zeros_like(picked))
+    # Unknown or zero length (outside XLA, or an empty batch): a zero row
+    # at position n stands for "not named".
+    entry, _ = _entry_of_each_row(rows, num_rows)
+    zero = tf.zeros(tf.concat([[1], tf.shape(once)[1:]], 0), once.dtype)
+    return tf.gather(tf.concat([term(once), zero], 0), entry[:num_rows])
 
 
 def exact_rows_step(var, m, u, rows, once, hyper: Hyper):
     """Applies a sparse gradient exactly as its densified gradient.
 
     Rows not named have g = 0: their moments decay and they still move. The
-    zero rows are never materialized: every row's slots decay in one pass,
-    the named rows' gradient terms are scattered into them (`m` is linear in
-    g; `u = max(beta_2 * u, |g|)` a scatter-max), and the weights take one
-    more pass. That is 8 passes over table-sized arrays where a dense step
-    with a materialized gradient makes 10.
+    gradient is never materialized as a table: each of the loops over the
+    table (new m, new u, new weights) reads its row's term straight from the
+    entries (`_per_row`), so a step streams 8 table-sized arrays where a
+    dense step with a materialized gradient streams 10.
 
     Args:
       var, m, u: the variable and its slots.
-      rows: row indices, may repeat; out-of-range rows are dropped by XLA.
+      rows: row indices, may repeat; out-of-range rows are dropped.
       once: gradient rows aligned with `rows`, each distinct row's full
-        (summed) gradient at exactly one of its entries and zero rows at the
-        others (`sum_duplicates_by_row`, or `once` of `sum_duplicates`).
+        (summed) gradient at the FIRST of its entries and zero rows at the
+        others (`sum_duplicates_by_row`).
       hyper: the step's `Hyper`.
     """
     c = _coefficients(hyper, m.dtype)
     g = tf.cast(once, m.dtype)
-    at = rows[:, None]
-    new_m = tf.tensor_scatter_nd_add(
-        _decayed_momentum(m.read_value(), c), at, _momentum_increment(g, c))
-    # Zero rows at repeated entries are harmless: max(beta_2 * u, 0) is a
-    # no-op since u >= 0.
-    new_u = tf.tensor_scatter_nd_max(
-        _decayed_norm(u.read_value(), c), at, _norm_candidate(g))
+    size = num_rows(var)
+    new_m = _decayed_momentum(m.read_value(), c) + _per_row(
+        lambda x: _momentum_increment(x, c), rows, g, size)
+    new_u = tf.maximum(_decayed_norm(u.read_value(), c),
+                       _per_row(_norm_candidate, rows, g, size))
     new_w = _new_weights(var.read_value(), new_m, new_u, c)
     m.assign(new_m, read_value=False)
     u.assign(new_u, read_value=False)
@@ -371,10 +388,8 @@ def sum_rows(indices, values, var, sparse_mode):
     """
     if sparse_mode == "lazy":
         return sum_duplicates(indices, values)
-    size = num_rows(var)
-    if exact_as_dense(indices, size):
-        return densify(indices, values, size)
-    return indices, sum_duplicates_by_row(indices, values, size), None
+    return (indices, sum_duplicates_by_row(indices, values, num_rows(var)),
+            None)
 
 
 def rows_step(var, m, u, rows, once, run_start, hyper: Hyper, sparse_mode):
