@@ -225,3 +225,50 @@ def test_exact_kernel_reads_each_rows_gradient_from_its_first_entry(length, jit)
     np.add.at(want, rows[keep], values[keep])
     np.testing.assert_array_equal(got.numpy(), want)
     np.testing.assert_array_equal(got_abs.numpy(), np.abs(want))
+
+
+@pytest.mark.parametrize("length", ["static", "unknown"])
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("dtype", ["int32", "int64"])
+def test_lazy_duplicate_sums_by_hashing(dtype, jit, length):
+    """Lazy mode sums repeated indices by rounds of hashing
+    (`_math._holders`), not by sorting. Every copy of an index must get the
+    same holder, one of its own entries, and the sums must equal np.add.at,
+    even for indices whose hash keys are equal (int64 indices that differ
+    only where the high word folds onto the low one collide in every round),
+    negative indices, and far more distinct indices than one round of
+    buckets separates."""
+    from tf_adamax import _math
+
+    rng = np.random.default_rng(7)
+    rows = rng.integers(0, 50, 300)
+    if dtype == "int64":
+        # (1 << 32) | 1 and 0 fold to the same key, as do (5 << 32) | 5 and 0.
+        rows = np.concatenate([rows, [(1 << 32) | 1, 0, (5 << 32) | 5, -3,
+                                      (1 << 32) | 1, -3, 2**40 + 7]])
+    else:
+        rows = np.concatenate([rows, [-1, -1, 2**31 - 1, -2**31, 2**31 - 1]])
+    rows = rows.astype(dtype)
+    values = rng.standard_normal((len(rows), 2))
+    values[1] = -values[0] if rows[1] == rows[0] else values[1]
+    n = None if length == "unknown" else len(rows)
+    spec = [tf.TensorSpec([n], dtype), tf.TensorSpec([n, 2], tf.float64)]
+
+    @tf.function(input_signature=spec, jit_compile=jit and n is not None)
+    def summed(r, v):
+        got_rows, once, holder = _math.sum_duplicates(r, v)
+        return got_rows, once, holder, _math.per_entry(once, holder)
+
+    got_rows, once, holder, per_entry = (t.numpy() for t in summed(rows,
+                                                                   values))
+    np.testing.assert_array_equal(got_rows, rows)
+    np.testing.assert_array_equal(rows[holder], rows)  # one of its own
+    for r in np.unique(rows):
+        at = np.flatnonzero(rows == r)
+        assert len(set(holder[at])) == 1, r  # every copy: one holder
+        want = values[at].sum(axis=0)
+        np.testing.assert_allclose(once[holder[at[0]]], want, rtol=1e-12)
+        np.testing.assert_allclose(per_entry[at], np.tile(want, (len(at), 1)),
+                                   rtol=1e-12)
+        others = np.setdiff1d(at, holder[at[0]])
+        np.testing.assert_array_equal(once[others], 0.0)  # each row once

@@ -155,13 +155,6 @@ def dense_step(var, m, u, grad, hyper: Hyper):
     var.assign(new_w, read_value=False)
 
 
-def _first_of_runs(sorted_indices):
-    """Marks the first entry of each run of equal (sorted) indices."""
-    n = tf.size(sorted_indices)
-    return tf.concat([tf.ones([tf.minimum(n, 1)], tf.bool),
-                      sorted_indices[1:] != sorted_indices[:-1]], axis=0)
-
-
 def _summable(values):
     """Half-precision gradient rows in float32 (the slots' dtype) before
     duplicates are added: a float16 sum of two rows rounds to 11 bits."""
@@ -169,58 +162,103 @@ def _summable(values):
 
 
 def sum_duplicates(indices, values):
-    """Sums the rows of an IndexedSlices that name the same index, by sorting.
+    """Sums the rows of an IndexedSlices that name the same index, by hashing.
 
-    O(nnz log nnz) and independent of the table size (the lazy path's cost
-    must not grow with the table). The result keeps one entry per input entry
-    (static shape, so XLA compiles it), sorted by index; half-precision rows
-    are summed, and returned, in float32.
+    O(nnz) per round and independent of the table size (the lazy path's cost
+    must not grow with the table); see `_holders`. The result keeps one entry
+    per input entry, in input order (static shape, so XLA compiles it);
+    half-precision rows are summed, and returned, in float32.
 
     Args:
       indices: int32/int64 vector, may hold duplicates in any order.
       values: tensor whose first dimension matches `indices`.
 
     Returns:
-      `(rows, once, run_start)`: the sorted indices; `once[i]`, at the first
-      entry of each run of equal indices the sum of all input rows naming
-      `rows[i]`, and zero at the run's other entries (so sums and norms over
-      it see each row once); and `run_start[i]`, the position of the first
-      entry of `i`'s run, so `tf.gather(once, run_start)` repeats each row's
-      sum at every copy (`per_entry`).
+      `(rows, once, holder)`: `rows` is `indices`; `once[i]`, at the one
+      entry holding each index's sum, the sum of all input rows naming
+      `rows[i]`, and zero at the other entries (so sums and norms over it see
+      each row once); and `holder[i]`, the position of the entry holding
+      `rows[i]`'s sum, so `tf.gather(once, holder)` repeats each row's sum at
+      every copy (`per_entry`).
     """
-    values = _summable(values)
+    holder = _holders(indices)
+    once = tf.math.unsorted_segment_sum(_summable(values), holder,
+                                        tf.shape(indices)[0])
+    return indices, once, holder
+
+
+# Multiplicative (Fibonacci) hashing: the top bits of (key + salt) * phi,
+# mod 2**32. A new salt each round separates indices that collided.
+_PHI = 0x9E3779B1
+_SALT_STEP = 0x61C88647
+
+
+def _hash_keys(indices):
+    """`indices` as uint32 hash keys; int64 ones fold in their high word.
+    Equal indices give equal keys, which is all correctness needs."""
+    if indices.dtype == tf.int64:
+        indices = tf.bitwise.bitwise_xor(
+            indices, tf.bitwise.right_shift(indices, tf.constant(32, tf.int64)))
+    return tf.cast(indices, tf.uint32)
+
+
+def _bucket_bits(n_static, n):
+    """log2 of a power-of-two bucket count above 2 * n (at most 2**31)."""
+    if n_static is not None:
+        return min(31, max(1, (2 * n_static).bit_length()))
+    bits = tf.math.ceil(tf.math.log(tf.cast(2 * n + 1, tf.float64))
+                        / tf.math.log(tf.constant(2.0, tf.float64)))
+    return tf.clip_by_value(tf.cast(bits, tf.int32), 1, 31)
+
+
+def _holders(indices):
+    """For each entry, the position of the entry holding its index's sum:
+    one of the entries naming that index, the same for all of them.
+
+    Found by rounds of hashing, each O(nnz) and independent of the table:
+    every entry not yet settled hashes its index into more than 2 * nnz
+    buckets, each bucket elects its lowest position (a scatter-min), and an
+    entry whose bucket elected an entry naming the same index settles on it.
+    Entries naming one index share their bucket in every round, so they
+    settle together and on one holder; every round settles each bucket's
+    elect, and a new salt per round separates the indices that collided, so
+    a batch takes a few rounds (sorting 4096 entries costs XLA:CPU about ten
+    times as much, benchmarks/).
+    """
     n = tf.shape(indices)[0]
-    rows, order = _sort_with_positions(indices)
-    is_first = _first_of_runs(rows)
-    segment_ids = tf.cumsum(tf.cast(is_first, tf.int32)) - 1
+    bits = _bucket_bits(indices.shape[0], n)
+    spare = tf.bitwise.left_shift(1, bits)  # bucket of settled entries
+    shift = tf.cast(32 - bits, tf.uint32)
+    keys = _hash_keys(indices)
     position = tf.range(n)
-    run_start = tf.gather(
-        tf.math.unsorted_segment_min(position, segment_ids, n), segment_ids)
-    # Each input row is added straight into its run's first (sorted) entry:
-    # the values are never permuted, and the other entries stay zero.
-    target = tf.scatter_nd(order[:, None], run_start, [n])
-    return rows, tf.math.unsorted_segment_sum(values, target, n), run_start
+
+    def settle(salt, holder):
+        open_ = holder < 0
+        hashed = (keys + salt) * tf.constant(_PHI, tf.uint32)
+        bucket = tf.where(
+            open_, tf.cast(tf.bitwise.right_shift(hashed, shift), tf.int32),
+            spare)
+        elect = tf.gather(
+            tf.tensor_scatter_nd_min(tf.fill([spare + 1], n), bucket[:, None],
+                                     position),
+            bucket)
+        # An open entry's bucket holds its own position: elect < n.
+        same = open_ & tf.equal(
+            tf.gather(indices, tf.minimum(elect, n - 1)), indices)
+        return (salt + tf.constant(_SALT_STEP, tf.uint32),
+                tf.where(same, elect, holder))
+
+    _, holder = tf.while_loop(
+        lambda salt, holder: tf.reduce_any(holder < 0), settle,
+        (tf.constant(0, tf.uint32), tf.fill([n], -1)))
+    return holder
 
 
-def _sort_with_positions(indices):
-    """`indices` sorted, and the input position of each sorted entry.
-
-    Sorts one int64 key, `index * n + position`: unique, so the order is
-    stable, and on XLA:CPU a one-operand sort costs about 3/4 of argsort's
-    key-value sort (4096 entries, benchmarks/). Any index a table can have
-    (below 2**63 / n) fits; negative ones keep their order (floor division).
-    """
-    n = tf.shape(indices, out_type=tf.int64)[0]
-    key = tf.sort(tf.cast(indices, tf.int64) * n + tf.range(n))
-    return (tf.cast(tf.math.floordiv(key, n), indices.dtype),
-            tf.cast(tf.math.floormod(key, n), tf.int32))
-
-
-def per_entry(once, run_start):
+def per_entry(once, holder):
     """Each entry's full row sum, repeated at every copy of a row: an update
     computed per entry is then the same for every copy, and a scatter of it
     is well defined."""
-    return tf.gather(once, run_start)
+    return tf.gather(once, holder)
 
 
 def _entry_of_each_row(indices, num_rows):
@@ -379,12 +417,11 @@ def sum_rows(indices, values, var, sparse_mode):
     kernel needs them (always before any nonlinearity: |g| and max are not
     linear, |g1| + |g2| != |g1 + g2| for opposite signs).
 
-    Returns `(rows, once, run_start)` for `rows_step` (see
-    `sum_duplicates`), or, in "exact" mode on a small table
-    (`exact_as_dense`), the dense gradient for `dense_step`. "lazy" sorts, so
-    its cost does not depend on the table; "exact" sums through the table
-    (`sum_duplicates_by_row`: the exact step is O(rows of the table) anyway)
-    and needs no `run_start` (None). Only "exact" needs `var` (its row count).
+    Returns `(rows, once, holder)` for `rows_step` (see `sum_duplicates`).
+    "lazy" hashes, so its cost does not depend on the table; "exact" sums
+    through the table (`sum_duplicates_by_row`: the exact step is O(rows of
+    the table) anyway) and needs no `holder` (None). Only "exact" needs `var`
+    (its row count).
     """
     if sparse_mode == "lazy":
         return sum_duplicates(indices, values)
@@ -392,10 +429,10 @@ def sum_rows(indices, values, var, sparse_mode):
             None)
 
 
-def rows_step(var, m, u, rows, once, run_start, hyper: Hyper, sparse_mode):
+def rows_step(var, m, u, rows, once, holder, hyper: Hyper, sparse_mode):
     """The `sparse_mode` kernel on rows summed by `sum_rows`."""
     if sparse_mode == "lazy":
-        lazy_rows_step(var, m, u, rows, per_entry(once, run_start), hyper)
+        lazy_rows_step(var, m, u, rows, per_entry(once, holder), hyper)
     else:
         exact_rows_step(var, m, u, rows, once, hyper)
 

@@ -51,13 +51,13 @@ class SparseRows(typing.NamedTuple):
 
     `rows` may repeat; `once[i]` is the summed gradient of row `rows[i]` at
     one entry per distinct row and zero at the others, so sums and norms over
-    it see each row once. `run_start` (lazy mode only, else None) maps each
+    it see each row once. `holder` (lazy mode only, else None) maps each
     entry to the one holding its row's sum (`_math.per_entry`).
     """
 
     rows: tf.Tensor
     once: tf.Tensor
-    run_start: typing.Optional[tf.Tensor]
+    holder: typing.Optional[tf.Tensor]
 
 
 def prepare(grad, var=None, sparse_mode="lazy"):
@@ -162,7 +162,7 @@ def _update(config, states, grads, decays, step, learning_rate):
             weight_decay=config.weight_decay if decay else None)
         if isinstance(grad, SparseRows):
             _math.rows_step(state.var, state.momentum, state.norm, grad.rows,
-                            grad.once, grad.run_start, hyper,
+                            grad.once, grad.holder, hyper,
                             config.sparse_mode)
         else:
             _math.dense_step(state.var, state.momentum, state.norm, grad,
