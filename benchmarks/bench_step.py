@@ -301,7 +301,10 @@ def calibrate(entry: Entry, cfg) -> None:
 
 
 def run_round_robin(entries: list[Entry], cfg) -> None:
-    """Times live entries interleaved: rep r runs A, B, C, ... in a fixed order."""
+    """Times live entries interleaved, the order rotated each rep: rep r runs
+    the entries starting at the r-th (A, B, C; B, C, A; ...). Measured here,
+    the entry that always runs first is ~4% slower than identical ones after
+    it, so a fixed order would favour everyone but the first."""
     live = [e for e in entries if e.status == "ok"]
     for e in live:
         try:
@@ -310,8 +313,9 @@ def run_round_robin(entries: list[Entry], cfg) -> None:
             e.status, e.note, e.fn = "failed", _first_line(exc), None
     live = [e for e in live if e.status == "ok"]
     rounds = max((e.max_reps for e in live), default=0)
-    for _ in range(rounds):
-        for e in live:
+    for r in range(rounds):
+        shift = r % len(live)
+        for e in live[shift:] + live[:shift]:
             if e.status != "ok" or len(e.samples_ms) >= e.max_reps:
                 continue
             try:
@@ -817,8 +821,9 @@ def case_fit(kind: str, cfg) -> dict:
     live = [e for e in entries if e.status == "ok"]
     for e in live:
         e.steps_per_rep, e.max_reps = 1, cfg.fit_reps
-    for _ in range(cfg.fit_reps):
-        for e in live:
+    for r in range(cfg.fit_reps):
+        shift = r % max(1, len(live))
+        for e in live[shift:] + live[:shift]:  # rotated, as run_round_robin
             if e.status != "ok":
                 continue
             try:

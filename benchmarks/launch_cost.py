@@ -103,14 +103,17 @@ def competitors(n):
 
 def round_robin(fns, reps, steps, per=1):
     """Warms up each zero-argument function, then times `reps` rounds of
-    `steps` calls of each, in turn (load hits all alike). Returns
-    name -> samples, microseconds per call divided by `per`."""
+    `steps` calls of each, in turn (load hits all alike), the order rotated
+    each round (no function always runs first). Returns name -> samples,
+    microseconds per call divided by `per`."""
     for fn in fns.values():  # trace, compile, warm up
         for _ in range(3):
             fn()
     samples = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for r in range(reps):
+        shift = r % len(order)
+        for name, fn in order[shift:] + order[:shift]:
             t = time.perf_counter()
             for _ in range(steps):
                 fn()
