@@ -187,10 +187,20 @@ def sum_duplicates(indices, values):
     return indices, once, holder
 
 
-# Multiplicative (Fibonacci) hashing: the top bits of (key + salt) * phi,
-# mod 2**32. A new salt each round separates indices that collided.
-_PHI = 0x9E3779B1
-_SALT_STEP = 0x61C88647
+# Each round hashes `key ^ salt` with MurmurHash3's 32-bit finalizer, a new
+# salt per round. (A linear hash such as (key + salt) * phi would keep two
+# keys whose difference times phi is near 0 mod 2**32 -- keys a Fibonacci
+# number apart -- in one bucket in every round.)
+_SALT_STEP = 0x9E3779B9
+
+
+def _mix(h):
+    """MurmurHash3's fmix32: every output bit depends on every input bit."""
+    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 16))
+    h = h * tf.constant(0x85EBCA6B, tf.uint32)
+    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 13))
+    h = h * tf.constant(0xC2B2AE35, tf.uint32)
+    return tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 16))
 
 
 def _hash_keys(indices):
@@ -234,7 +244,7 @@ def _holders(indices):
 
     def settle(salt, holder):
         open_ = holder < 0
-        hashed = (keys + salt) * tf.constant(_PHI, tf.uint32)
+        hashed = _mix(tf.bitwise.bitwise_xor(keys, salt))
         bucket = tf.where(
             open_, tf.cast(tf.bitwise.right_shift(hashed, shift), tf.int32),
             spare)
@@ -250,7 +260,7 @@ def _holders(indices):
 
     _, holder = tf.while_loop(
         lambda salt, holder: tf.reduce_any(holder < 0), settle,
-        (tf.constant(0, tf.uint32), tf.fill([n], -1)))
+        (tf.constant(_SALT_STEP, tf.uint32), tf.fill([n], -1)))
     return holder
 
 
