@@ -199,8 +199,8 @@ def test_exact_kernel_reads_each_rows_gradient_from_its_first_entry(length, jit)
     """The exact step never materializes the gradient as a table: each loop
     over the table gathers its row's term from the entries (`_per_row`).
     That gather must give the densified gradient, zero for rows not named
-    and for out-of-range entries, whether the batch length is static (clamp
-    and select), unknown (a zero row appended) or zero."""
+    (they read a zero row padded on after the entries) and for out-of-range
+    entries, whether the batch length is static, unknown or zero."""
     from tf_adamax import _math
 
     rows = np.array([3, 0, 3, 5, -1, 0, 3, 7], np.int32)  # 5 rows; -1, 7 out

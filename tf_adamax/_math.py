@@ -348,24 +348,18 @@ def _per_row(term, rows, once, num_rows):
     rows not named), as a gather from the entries: XLA fuses it into the
     loop that consumes it, so no table-sized gradient is ever written.
 
-    `term` must map a zero row to zero (both gradient terms do), and is
-    applied before the gather so that each consumer has its own gather to
-    fuse (XLA does not duplicate a gather feeding two loops).
+    `term` must map a zero row to zero (both gradient terms do). It is
+    applied before the gather, and the zero row that rows not named read
+    (position n) is padded on after it, so each consumer has its own gather
+    and pad to fuse (XLA does not duplicate a gather feeding two loops).
     """
-    n_static = rows.shape[0]
-    if n_static:
-        # `entry` is n for rows not named: clamp, then select zero.
-        entry, _ = _entry_of_each_row(rows, num_rows)
-        entry = entry[:num_rows]
-        n = tf.cast(n_static, entry.dtype)
-        picked = tf.gather(term(once), tf.minimum(entry, n - 1))
-        named = tf.reshape(entry < n, [-1] + [1] * (once.shape.rank - 1))
-        return tf.where(named, picked, tf.zeros_like(picked))
-    # Unknown or zero length (outside XLA, or an empty batch): a zero row
-    # at position n stands for "not named".
     entry, _ = _entry_of_each_row(rows, num_rows)
-    zero = tf.zeros(tf.concat([[1], tf.shape(once)[1:]], 0), once.dtype)
-    return tf.gather(tf.concat([term(once), zero], 0), entry[:num_rows])
+    rank = once.shape.rank
+    paddings = ([[0, 1]] + [[0, 0]] * (rank - 1) if rank is not None
+                else tf.concat([[[0, 1]], tf.zeros([tf.rank(once) - 1, 2],
+                                                   tf.int32)], 0))
+    padded = tf.pad(term(once), paddings)
+    return tf.gather(padded, entry[:num_rows])
 
 
 def exact_rows_step(var, m, u, rows, once, hyper: Hyper):
