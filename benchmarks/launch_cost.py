@@ -112,7 +112,7 @@ def round_robin(fns, reps, steps, per=1):
     samples = {name: [] for name in fns}
     order = list(fns.items())
     for r in range(reps):
-        shift = r % len(order)
+        shift = r % max(1, len(order))
         for name, fn in order[shift:] + order[:shift]:
             t = time.perf_counter()
             for _ in range(steps):

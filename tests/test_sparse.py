@@ -291,3 +291,24 @@ def test_lazy_step_has_no_table_sized_tensor(front):
     assert counts["lazy"][0] == [], counts["lazy"][0]
     assert counts["exact"][0], "the check cannot see table-sized tensors"
     assert counts["lazy"][1] > 20, counts["lazy"][1]  # the update was traced in
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("sparse_mode", ("exact", "lazy"))
+@pytest.mark.parametrize("row_shape", [(), (2, 3)], ids=["vector", "rank3"])
+def test_sparse_tables_of_other_ranks_match_reference(row_shape, sparse_mode,
+                                                      mode, rng):
+    """The sparse kernels pad, gather and scatter whole rows: a vector
+    (rows are scalars) and a rank-3 table (rows are matrices) must match
+    the reference like the usual [rows, dim] table."""
+    init = rng.standard_normal((ROWS,) + row_shape)
+    var = tf.Variable(init)
+    opt = make_optimizer(mode, learning_rate=LR, sparse_mode=sparse_mode)
+    step = make_step(opt, mode, [var])
+    ref = AdamaxReference(learning_rate=LR, sparse_mode=sparse_mode)
+    ref.add_variable(0, init, np.float64)
+    for t in range(3):
+        slices, sg = random_sparse(rng, ROWS, row_shape, 6, "float64")
+        step([slices])
+        ref.apply({0: sg})
+        check_against_reference(opt, [var], ref, [0], err_msg=f"step {t}")

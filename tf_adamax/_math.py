@@ -4,8 +4,10 @@ Every path (the core optimizer's per-variable and fused updates, the dense,
 exact-sparse and lazy-sparse steps, the Keras 3 and tf-keras adapters) calls the
 functions here. They take variables/tensors and hyperparameter tensors; they own
 no state, know nothing of Keras or `tf.distribute`, and contain only ops XLA
-compiles (no host round trips, no data-dependent shapes), so they run unchanged
-inside `tf.function(jit_compile=True)` on CPU, GPU and TPU.
+compiles (no data-dependent shapes, no host callbacks; the lazy step's one
+`while` loop has a device-side condition, which XLA:GPU copies to the host once
+per round), so they run unchanged inside `tf.function(jit_compile=True)` on
+CPU, GPU and TPU.
 
 Update rule (Kingma & Ba 2014, section 7.1), with t = iterations + 1:
 
@@ -204,21 +206,26 @@ def _mix(h):
 
 
 def _hash_keys(indices):
-    """`indices` as uint32 hash keys; int64 ones fold in their high word.
-    Equal indices give equal keys, which is all correctness needs."""
-    if indices.dtype == tf.int64:
-        indices = tf.bitwise.bitwise_xor(
-            indices, tf.bitwise.right_shift(indices, tf.constant(32, tf.int64)))
-    return tf.cast(indices, tf.uint32)
+    """`indices` as uint32 hash keys. Equal indices give equal keys, which
+    is all correctness needs; int64 ones fold in their mixed high word (a
+    plain xor of the halves would give every multiple of 2**32 + 1 one key,
+    costing a round each)."""
+    low = tf.cast(indices, tf.uint32)  # truncates int64
+    if indices.dtype != tf.int64:
+        return low
+    high = tf.cast(tf.bitwise.right_shift(indices, tf.constant(32, tf.int64)),
+                   tf.uint32)
+    return tf.bitwise.bitwise_xor(low, _mix(high))
 
 
 def _bucket_bits(n_static, n):
-    """log2 of a power-of-two bucket count above 2 * n (at most 2**31)."""
+    """log2 of a power-of-two bucket count above 2 * n (at most 2**30, so
+    the count and its spare bucket fit an int32)."""
     if n_static is not None:
-        return min(31, max(1, (2 * n_static).bit_length()))
-    bits = tf.math.ceil(tf.math.log(tf.cast(2 * n + 1, tf.float64))
+        return min(30, max(1, (2 * n_static).bit_length()))
+    bits = tf.math.ceil(tf.math.log(2 * tf.cast(n, tf.float64) + 1)
                         / tf.math.log(tf.constant(2.0, tf.float64)))
-    return tf.clip_by_value(tf.cast(bits, tf.int32), 1, 31)
+    return tf.clip_by_value(tf.cast(bits, tf.int32), 1, 30)
 
 
 def _holders(indices):
@@ -248,10 +255,10 @@ def _holders(indices):
         bucket = tf.where(
             open_, tf.cast(tf.bitwise.right_shift(hashed, shift), tf.int32),
             spare)
+        # unsorted_segment_min: also has an int32 GPU kernel (the
+        # tensor_scatter_nd_min of TF 2.21 has none).
         elect = tf.gather(
-            tf.tensor_scatter_nd_min(tf.fill([spare + 1], n), bucket[:, None],
-                                     position),
-            bucket)
+            tf.math.unsorted_segment_min(position, bucket, spare + 1), bucket)
         # An open entry's bucket holds its own position: elect < n.
         same = open_ & tf.equal(
             tf.gather(indices, tf.minimum(elect, n - 1)), indices)
@@ -285,33 +292,37 @@ def _entry_of_each_row(indices, num_rows):
     num_rows = tf.cast(num_rows, indices.dtype)
     valid = (indices >= 0) & (indices < num_rows)
     slot = tf.where(valid, indices, num_rows)
-    entry = tf.tensor_scatter_nd_min(
-        tf.fill([num_rows + 1], n), slot[:, None],
-        tf.range(n, dtype=indices.dtype))
+    # Rows no entry names get the dtype's max, then n.
+    entry = tf.minimum(tf.math.unsorted_segment_min(
+        tf.range(n, dtype=indices.dtype), slot, num_rows + 1), n)
     return entry, slot
 
 
 def sum_duplicates_by_row(indices, values, num_rows):
     """Sums the rows of an IndexedSlices that name the same index, by table.
 
-    For callers that are O(num_rows) anyway (the exact step): one index per
-    table row records the first entry naming it (`_entry_of_each_row`), which
-    on XLA:CPU costs less than sorting the entries. Entries keep their input
-    order; half-precision rows are summed, and returned, in float32.
+    For the exact step, which is O(num_rows) anyway and reads each table
+    row's gradient through the same map (`_per_row`): one int per table row
+    records the first entry naming it (`_entry_of_each_row`). Entries keep
+    their input order; half-precision rows are summed, and returned, in
+    float32.
 
     Returns:
-      `once`, aligned with `indices`: at the first entry naming each row, the
-      sum of all input rows naming it; zero rows at the other entries and at
-      entries whose index is outside `[0, num_rows)` (the optimizer rejects
-      those before this where asserts can run; inside XLA they are dropped).
+      `(once, entry)`: `once`, aligned with `indices`: at the first entry
+      naming each row, the sum of all input rows naming it; zero rows at the
+      other entries and at entries whose index is outside `[0, num_rows)`
+      (the optimizer rejects those before this where asserts can run; inside
+      XLA they are dropped). `entry[r]`: that first entry for table row r,
+      `len(indices)` if none names it (`_entry_of_each_row`).
     """
     values = _summable(values)
     entry, slot = _entry_of_each_row(indices, num_rows)
     valid = slot < tf.cast(num_rows, slot.dtype)
     # Negative segment ids are dropped: invalid entries add nothing.
-    return tf.math.unsorted_segment_sum(
+    once = tf.math.unsorted_segment_sum(
         values, tf.where(valid, tf.gather(entry, slot), -1),
         tf.shape(indices)[0])
+    return once, entry
 
 
 def merge_duplicates(slices):
@@ -343,49 +354,49 @@ def densify(indices, values, num_rows):
     return tf.math.unsorted_segment_sum(_summable(values), indices, num_rows)
 
 
-def _per_row(term, rows, once, num_rows):
+def _per_row(term, once, entry, num_rows):
     """`term(g)` for every table row, g the row's summed gradient (zero for
-    rows not named), as a gather from the entries: XLA fuses it into the
-    loop that consumes it, so no table-sized gradient is ever written.
+    rows not named), as a gather from the entries through `entry` (see
+    `sum_duplicates_by_row`). Under XLA the gather fuses into the loop that
+    consumes it, so no table-sized gradient is written; without XLA it is
+    one table-sized temporary.
 
-    `term` must map a zero row to zero (both gradient terms do). It is
-    applied before the gather, and the zero row that rows not named read
-    (position n) is padded on after it, so each consumer has its own gather
-    and pad to fuse (XLA does not duplicate a gather feeding two loops).
+    `term` is applied before the gather, and the zero row that rows not
+    named read (position n) is padded on after it, so each consumer has its
+    own pad and gather to fuse (XLA does not duplicate a gather feeding two
+    loops).
     """
-    entry, _ = _entry_of_each_row(rows, num_rows)
     rank = once.shape.rank
     paddings = ([[0, 1]] + [[0, 0]] * (rank - 1) if rank is not None
                 else tf.concat([[[0, 1]], tf.zeros([tf.rank(once) - 1, 2],
                                                    tf.int32)], 0))
-    padded = tf.pad(term(once), paddings)
-    return tf.gather(padded, entry[:num_rows])
+    return tf.gather(tf.pad(term(once), paddings), entry[:num_rows])
 
 
-def exact_rows_step(var, m, u, rows, once, hyper: Hyper):
+def exact_rows_step(var, m, u, once, entry, hyper: Hyper):
     """Applies a sparse gradient exactly as its densified gradient.
 
     Rows not named have g = 0: their moments decay and they still move. The
-    gradient is never materialized as a table: each of the loops over the
-    table (new m, new u, new weights) reads its row's term straight from the
-    entries (`_per_row`), so a step streams 8 table-sized arrays where a
-    dense step with a materialized gradient streams 10.
+    new `m` and new `u` loops over the table read their row's gradient term
+    straight from the entries (`_per_row`), and the weights loop reads the
+    new `m` and `u`: 8 table-sized array streams where a dense step with a
+    materialized gradient makes 10, and under XLA no table-sized temporary.
 
     Args:
       var, m, u: the variable and its slots.
-      rows: row indices, may repeat; out-of-range rows are dropped.
-      once: gradient rows aligned with `rows`, each distinct row's full
-        (summed) gradient at the FIRST of its entries and zero rows at the
-        others (`sum_duplicates_by_row`).
+      once: gradient rows, each distinct row's full (summed) gradient at the
+        first of its entries and zero rows at the others.
+      entry: for each table row, the entry holding its gradient in `once`,
+        `len(once)` for rows not named (`sum_duplicates_by_row` gives both).
       hyper: the step's `Hyper`.
     """
     c = _coefficients(hyper, m.dtype)
     g = tf.cast(once, m.dtype)
     size = num_rows(var)
     new_m = _decayed_momentum(m.read_value(), c) + _per_row(
-        lambda x: _momentum_increment(x, c), rows, g, size)
+        lambda x: _momentum_increment(x, c), g, entry, size)
     new_u = tf.maximum(_decayed_norm(u.read_value(), c),
-                       _per_row(_norm_candidate, rows, g, size))
+                       _per_row(_norm_candidate, g, entry, size))
     new_w = _new_weights(var.read_value(), new_m, new_u, c)
     m.assign(new_m, read_value=False)
     u.assign(new_u, read_value=False)
@@ -421,24 +432,28 @@ def sum_rows(indices, values, var, sparse_mode):
     kernel needs them (always before any nonlinearity: |g| and max are not
     linear, |g1| + |g2| != |g1 + g2| for opposite signs).
 
-    Returns `(rows, once, holder)` for `rows_step` (see `sum_duplicates`).
-    "lazy" hashes, so its cost does not depend on the table; "exact" sums
-    through the table (`sum_duplicates_by_row`: the exact step is O(rows of
-    the table) anyway) and needs no `holder` (None). Only "exact" needs `var`
-    (its row count).
+    Returns `(rows, once, source)` for `rows_step`: `rows` the indices as
+    given; `once` the summed gradient rows, each distinct row's sum at one
+    of its entries and zero rows at the others (so sums and norms over it
+    see each row once); `source`, for each row the kernel writes, the
+    position in `once` of its gradient. "lazy" writes each entry's row:
+    `source` is per entry (`sum_duplicates`, hashing, so its cost does not
+    depend on the table). "exact" writes every table row: `source` is per
+    table row, `len(indices)` for rows not named (`sum_duplicates_by_row`,
+    O(rows of the table), as the exact step is anyway). Only "exact" needs
+    `var` (its row count).
     """
     if sparse_mode == "lazy":
         return sum_duplicates(indices, values)
-    return (indices, sum_duplicates_by_row(indices, values, num_rows(var)),
-            None)
+    return (indices,) + sum_duplicates_by_row(indices, values, num_rows(var))
 
 
-def rows_step(var, m, u, rows, once, holder, hyper: Hyper, sparse_mode):
+def rows_step(var, m, u, rows, once, source, hyper: Hyper, sparse_mode):
     """The `sparse_mode` kernel on rows summed by `sum_rows`."""
     if sparse_mode == "lazy":
-        lazy_rows_step(var, m, u, rows, per_entry(once, holder), hyper)
+        lazy_rows_step(var, m, u, rows, per_entry(once, source), hyper)
     else:
-        exact_rows_step(var, m, u, rows, once, hyper)
+        exact_rows_step(var, m, u, once, source, hyper)
 
 
 def apply_gradient(var, m, u, grad, hyper: Hyper, sparse_mode):
@@ -448,8 +463,8 @@ def apply_gradient(var, m, u, grad, hyper: Hyper, sparse_mode):
     adapters).
     """
     if isinstance(grad, tf.IndexedSlices):
-        grad = sum_rows(grad.indices, grad.values, var, sparse_mode)
-    if isinstance(grad, tuple):
-        rows_step(var, m, u, *grad, hyper, sparse_mode)
+        rows_step(var, m, u,
+                  *sum_rows(grad.indices, grad.values, var, sparse_mode),
+                  hyper, sparse_mode)
     else:
         dense_step(var, m, u, grad, hyper)

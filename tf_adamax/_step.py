@@ -47,17 +47,18 @@ class VarState(typing.NamedTuple):
 
 
 class SparseRows(typing.NamedTuple):
-    """A sparse gradient after `_math.sum_rows`.
+    """A sparse gradient after `_math.sum_rows` (see there).
 
     `rows` may repeat; `once[i]` is the summed gradient of row `rows[i]` at
     one entry per distinct row and zero at the others, so sums and norms over
-    it see each row once. `holder` (lazy mode only, else None) maps each
-    entry to the one holding its row's sum (`_math.per_entry`).
+    it see each row once. `source` says where in `once` each row the kernel
+    writes reads its gradient (per entry in lazy mode, per table row in
+    exact mode).
     """
 
     rows: tf.Tensor
     once: tf.Tensor
-    holder: typing.Optional[tf.Tensor]
+    source: tf.Tensor
 
 
 def prepare(grad, var=None, sparse_mode="lazy"):
@@ -65,16 +66,14 @@ def prepare(grad, var=None, sparse_mode="lazy"):
 
     An IndexedSlices has its duplicate rows summed once, here, before any
     nonlinearity (clipping, |g|, max), in the form `sparse_mode`'s kernel
-    takes (`var` gives the table size for "exact"); in "exact" mode a batch
-    naming a large share of a small table becomes its dense gradient
-    (`_math.exact_as_dense`).
+    takes (`var` gives the table size for "exact"; without it, for norms
+    only, the lazy form).
     """
     if isinstance(grad, tf.IndexedSlices):
-        if var is None:  # for norms only
-            return SparseRows(*_math.sum_rows(grad.indices, grad.values,
-                                              None, "lazy"))
-        form = _math.sum_rows(grad.indices, grad.values, var, sparse_mode)
-        return SparseRows(*form) if isinstance(form, tuple) else form
+        if var is None:
+            sparse_mode = "lazy"
+        return SparseRows(*_math.sum_rows(grad.indices, grad.values, var,
+                                          sparse_mode))
     return grad
 
 
@@ -162,7 +161,7 @@ def _update(config, states, grads, decays, step, learning_rate):
             weight_decay=config.weight_decay if decay else None)
         if isinstance(grad, SparseRows):
             _math.rows_step(state.var, state.momentum, state.norm, grad.rows,
-                            grad.once, grad.holder, hyper,
+                            grad.once, grad.source, hyper,
                             config.sparse_mode)
         else:
             _math.dense_step(state.var, state.momentum, state.norm, grad,
