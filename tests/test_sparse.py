@@ -312,3 +312,33 @@ def test_sparse_tables_of_other_ranks_match_reference(row_shape, sparse_mode,
         step([slices])
         ref.apply({0: sg})
         check_against_reference(opt, [var], ref, [0], err_msg=f"step {t}")
+
+
+@pytest.mark.parametrize("parts", ["numpy", "lists"])
+@pytest.mark.parametrize("front", ["core", "keras3", "tf_keras"])
+def test_indexed_slices_built_from_numpy_or_lists(front, parts):
+    """A hand-built IndexedSlices may hold NumPy arrays or lists, as
+    `tf.convert_to_tensor` and the Keras optimizers accept it. It must
+    update as the same slices of tensors (it raised AttributeError from the
+    checks, naming nothing)."""
+    import tf_adamax
+    import tf_adamax.keras
+    import tf_adamax.tf_keras
+
+    make = {"core": tf_adamax.Adamax, "keras3": tf_adamax.keras.Adamax,
+            "tf_keras": tf_adamax.tf_keras.Adamax}[front]
+    values = np.array([[1.0, -2.0], [0.5, 0.5], [-1.0, 3.0]], np.float32)
+    indices = np.array([3, 1, 3], np.int32)
+    if parts == "lists":
+        values, indices = values.tolist(), indices.tolist()
+    got = {}
+    for kind, grad in (
+            ("given", tf.IndexedSlices(values, indices, [5, 2])),
+            ("tensors", tf.IndexedSlices(tf.constant(values, tf.float32),
+                                         tf.constant(indices), [5, 2]))):
+        var = tf.Variable(tf.ones([5, 2]))
+        opt = make(learning_rate=0.1)
+        opt.apply_gradients([(grad, var)])
+        got[kind] = var.numpy()
+    np.testing.assert_array_equal(got["given"], got["tensors"])
+    assert not np.array_equal(got["given"][3], np.ones(2))  # it moved

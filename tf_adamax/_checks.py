@@ -47,6 +47,20 @@ def check_float(var):
             "optimizer).")
 
 
+def tensor_slices(grad):
+    """`grad` with tensor parts, if it is an IndexedSlices built by hand
+    from NumPy arrays or lists (as `tf.convert_to_tensor` and the Keras
+    optimizers accept it); any other gradient as is."""
+    shape = grad.dense_shape if isinstance(grad, tf.IndexedSlices) else None
+    if not isinstance(grad, tf.IndexedSlices) or (
+            tf.is_tensor(grad.values) and tf.is_tensor(grad.indices)
+            and (shape is None or tf.is_tensor(shape))):
+        return grad
+    return tf.IndexedSlices(
+        tf.convert_to_tensor(grad.values), tf.convert_to_tensor(grad.indices),
+        None if shape is None else tf.convert_to_tensor(shape))
+
+
 def check_pair(grad, var):
     """Static checks of one (gradient, variable) pair; raises naming var."""
     check_variable(var)

@@ -280,7 +280,7 @@ class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
         `loss_scale_factor`, sparse gradients are made divisible for Keras
         3's unscaling.
         """
-        grads = list(grads)
+        grads = [_checks.tensor_slices(g) for g in grads]
         if trainable_variables is not None:
             trainable_variables = list(trainable_variables)  # read twice
         if trainable_variables is not None and not self.built:

@@ -463,7 +463,7 @@ class Adamax(tf.Module):
                 _checks.check_float(v)
                 skipped.append(_distribute.name(v))
                 continue
-            grads.append(g)
+            grads.append(_checks.tensor_slices(g))
             variables.append(v)
         if skipped and not self._fns.warned_none:
             self._fns.warned_none = True

@@ -239,7 +239,8 @@ class Adamax(_adapter.KernelUpdates, tf_keras.optimizers.Optimizer):
         sparse indices raise as with tf-keras's own optimizers, where inside
         XLA they would be dropped silently.
         """
-        grads_and_vars = list(grads_and_vars)
+        grads_and_vars = [(_checks.tensor_slices(g), v)
+                          for g, v in grads_and_vars]
         grads = [g for g, _ in grads_and_vars]
         variables = [v for _, v in grads_and_vars]
         checks = _checks.checked_before_keras(grads, variables)
