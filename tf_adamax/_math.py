@@ -93,9 +93,9 @@ def _coefficients(hyper: Hyper, dtype):
     )
 
 
-# The update, term by term. `m` is linear in (m, g) and `u` a max, so a step
-# with g = 0 on most rows splits into a decay of every row plus the gradient
-# term of the named rows (`exact_rows_step`); `adamax_rows` adds them.
+# The update, term by term: `adamax_rows` combines them, and
+# `exact_rows_step` reads each gradient term through a gather (`_per_row`),
+# which works because both terms are elementwise in g.
 def _decayed_momentum(m, c):
     return c.beta_1 * m
 
