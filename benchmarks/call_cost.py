@@ -26,7 +26,6 @@ test.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -42,7 +41,7 @@ import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
 
 import tf_adamax  # noqa: E402
-from launch_cost import round_robin, save  # noqa: E402
+from launch_cost import parse_args, round_robin, save  # noqa: E402
 
 
 def empty_steps():
@@ -72,14 +71,10 @@ def optimizer_steps(n):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="4096,262144,4194304")
-    parser.add_argument("--reps", type=int, default=15)
-    parser.add_argument("--out", default=os.path.join(_HERE, "results"))
-    args = parser.parse_args(argv)
+    args = parse_args(argv, __doc__, "--sizes", "4096,262144,4194304", 15)
     started = time.time()
     rows = []
-    for n in [int(s) for s in args.sizes.split(",")]:
+    for n in args.sizes:
         fns = {**empty_steps(), **optimizer_steps(n)}
         steps = max(3, min(200, 2_000_000 // n))
         samples = round_robin(fns, args.reps, steps)

@@ -142,13 +142,22 @@ def save(out_dir, name, argv, started, fields):
     print("wrote", path)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--counts", default="25,50,100,200,400")
-    parser.add_argument("--reps", type=int, default=11)
+def parse_args(argv, doc, sizes_flag, sizes, reps):
+    """The options these small benchmarks share: a comma-separated list of
+    sizes (returned as ints in `args.sizes`), `--reps` and `--out`."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument(sizes_flag, dest="sizes", default=sizes,
+                        metavar=sizes_flag[2:].upper())
+    parser.add_argument("--reps", type=int, default=reps)
     parser.add_argument("--out", default=os.path.join(_HERE, "results"))
     args = parser.parse_args(argv)
-    counts = [int(c) for c in args.counts.split(",")]
+    args.sizes = [int(c) for c in args.sizes.split(",")]
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv, __doc__, "--counts", "25,50,100,200,400", 11)
+    counts = args.sizes
     started = time.time()
     rows = []
     for n in counts:

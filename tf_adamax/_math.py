@@ -93,9 +93,9 @@ def _coefficients(hyper: Hyper, dtype):
     )
 
 
-# The update, term by term: `adamax_rows` combines them, and
-# `exact_rows_step` reads each gradient term through a gather (`_per_row`),
-# which works because both terms are elementwise in g.
+# The update, term by term; `_combine` puts them together. The gradient
+# terms are elementwise in g, so `exact_rows_step` can read them per table
+# row through a gather (`_per_row`).
 def _decayed_momentum(m, c):
     return c.beta_1 * m
 
@@ -122,6 +122,22 @@ def _new_weights(w, new_m, new_u, c):
     return tf.cast(new_w, w.dtype)
 
 
+def _combine(w, m, u, gradient_term, c):
+    """`(new_w, new_m, new_u)` from the current values, where
+    `gradient_term(f)` gives the gradient term `f(g)` for these rows."""
+    new_m = _decayed_momentum(m, c) + gradient_term(
+        lambda g: _momentum_increment(g, c))
+    new_u = tf.maximum(_decayed_norm(u, c), gradient_term(_norm_candidate))
+    return _new_weights(w, new_m, new_u, c), new_m, new_u
+
+
+def _assign(var, m, u, new_w, new_m, new_u):
+    # read_value=False: returning the new value would read (copy) it.
+    m.assign(new_m, read_value=False)
+    u.assign(new_u, read_value=False)
+    var.assign(new_w, read_value=False)
+
+
 def adamax_rows(w, m, u, g, hyper: Hyper):
     """The pure Adamax update of a block of rows (or a whole variable).
 
@@ -137,9 +153,7 @@ def adamax_rows(w, m, u, g, hyper: Hyper):
     """
     c = _coefficients(hyper, m.dtype)
     g = tf.cast(g, m.dtype)
-    new_m = _decayed_momentum(m, c) + _momentum_increment(g, c)
-    new_u = tf.maximum(_decayed_norm(u, c), _norm_candidate(g))
-    return _new_weights(w, new_m, new_u, c), new_m, new_u
+    return _combine(w, m, u, lambda term: term(g), c)
 
 
 def dense_step(var, m, u, grad, hyper: Hyper):
@@ -148,13 +162,8 @@ def dense_step(var, m, u, grad, hyper: Hyper):
     Like every `*_step` here it returns nothing: inside `tf.function` TF's
     automatic control dependencies run and order the assignments.
     """
-    new_w, new_m, new_u = adamax_rows(
-        var.read_value(), m.read_value(), u.read_value(), grad, hyper
-    )
-    # read_value=False: returning the new value would read (copy) it.
-    m.assign(new_m, read_value=False)
-    u.assign(new_u, read_value=False)
-    var.assign(new_w, read_value=False)
+    _assign(var, m, u, *adamax_rows(
+        var.read_value(), m.read_value(), u.read_value(), grad, hyper))
 
 
 def _summable(values):
@@ -259,9 +268,8 @@ def _holders(indices):
         # tensor_scatter_nd_min of TF 2.21 has none).
         elect = tf.gather(
             tf.math.unsorted_segment_min(position, bucket, spare + 1), bucket)
-        # An open entry's bucket holds its own position: elect < n.
-        same = open_ & tf.equal(
-            tf.gather(indices, tf.minimum(elect, n - 1)), indices)
+        # Every entry is in the bucket it reads, so elect is a position.
+        same = open_ & tf.equal(tf.gather(indices, elect), indices)
         return (salt + tf.constant(_SALT_STEP, tf.uint32),
                 tf.where(same, elect, holder))
 
@@ -278,49 +286,35 @@ def per_entry(once, holder):
     return tf.gather(once, holder)
 
 
-def _entry_of_each_row(indices, num_rows):
-    """For each table row, the first entry of `indices` naming it.
-
-    Returns `(entry, slot)`: `entry[r]` (r in `[0, num_rows]`) is the
-    smallest position `i` with `indices[i] == r`, or `n = len(indices)` if
-    no entry names row r; `entry[num_rows]` collects the entries whose index
-    is outside `[0, num_rows)`. `slot[i]` is entry i's row, `num_rows` for
-    those out-of-range entries, so no index is ever out of range. One int
-    per table row: 1/64 of a 64-wide float table.
-    """
-    n = tf.shape(indices, out_type=indices.dtype)[0]
-    num_rows = tf.cast(num_rows, indices.dtype)
-    valid = (indices >= 0) & (indices < num_rows)
-    slot = tf.where(valid, indices, num_rows)
-    # Rows no entry names get the dtype's max, then n.
-    entry = tf.minimum(tf.math.unsorted_segment_min(
-        tf.range(n, dtype=indices.dtype), slot, num_rows + 1), n)
-    return entry, slot
-
-
 def sum_duplicates_by_row(indices, values, num_rows):
     """Sums the rows of an IndexedSlices that name the same index, by table.
 
     For the exact step, which is O(num_rows) anyway and reads each table
     row's gradient through the same map (`_per_row`): one int per table row
-    records the first entry naming it (`_entry_of_each_row`). Entries keep
-    their input order; half-precision rows are summed, and returned, in
-    float32.
+    records the first entry naming it. Entries keep their input order;
+    half-precision rows are summed, and returned, in float32.
 
     Returns:
       `(once, entry)`: `once`, aligned with `indices`: at the first entry
       naming each row, the sum of all input rows naming it; zero rows at the
       other entries and at entries whose index is outside `[0, num_rows)`
       (the optimizer rejects those before this where asserts can run; inside
-      XLA they are dropped). `entry[r]`: that first entry for table row r,
-      `len(indices)` if none names it (`_entry_of_each_row`).
+      XLA they are dropped). `entry[r]`, for r in `[0, num_rows)`: that
+      first entry for table row r, `len(indices)` if none names it; one int
+      per table row, 1/64 of a 64-wide float table. (`entry[num_rows]`
+      collects the out-of-range entries.)
     """
-    values = _summable(values)
-    entry, slot = _entry_of_each_row(indices, num_rows)
-    valid = slot < tf.cast(num_rows, slot.dtype)
+    n = tf.shape(indices, out_type=indices.dtype)[0]
+    size = tf.cast(num_rows, indices.dtype)
+    valid = (indices >= 0) & (indices < size)
+    # Out-of-range entries all name the extra row `size`: no index is ever
+    # out of range. Rows no entry names get the dtype's max, then n.
+    row = tf.where(valid, indices, size)
+    entry = tf.minimum(tf.math.unsorted_segment_min(
+        tf.range(n, dtype=indices.dtype), row, size + 1), n)
     # Negative segment ids are dropped: invalid entries add nothing.
     once = tf.math.unsorted_segment_sum(
-        values, tf.where(valid, tf.gather(entry, slot), -1),
+        _summable(values), tf.where(valid, tf.gather(entry, row), -1),
         tf.shape(indices)[0])
     return once, entry
 
@@ -393,14 +387,9 @@ def exact_rows_step(var, m, u, once, entry, hyper: Hyper):
     c = _coefficients(hyper, m.dtype)
     g = tf.cast(once, m.dtype)
     size = num_rows(var)
-    new_m = _decayed_momentum(m.read_value(), c) + _per_row(
-        lambda x: _momentum_increment(x, c), g, entry, size)
-    new_u = tf.maximum(_decayed_norm(u.read_value(), c),
-                       _per_row(_norm_candidate, g, entry, size))
-    new_w = _new_weights(var.read_value(), new_m, new_u, c)
-    m.assign(new_m, read_value=False)
-    u.assign(new_u, read_value=False)
-    var.assign(new_w, read_value=False)
+    _assign(var, m, u, *_combine(
+        var.read_value(), m.read_value(), u.read_value(),
+        lambda term: _per_row(term, g, entry, size), c))
 
 
 def _scatter_rows(var, m, u, rows, new_w, new_m, new_u):
