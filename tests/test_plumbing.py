@@ -1,7 +1,8 @@
 """Compilation and distribution plumbing of the core optimizer.
 
-- sparse gradients whose length is only known at run time are padded to size
-  buckets for XLA; the padding must change nothing;
+- sparse gradients whose length is only known at run time, or that reach the
+  compiled update eagerly, are padded to size buckets for XLA (a few
+  programs instead of one per length); the padding must change nothing;
 - ShardedVariables (ParameterServerStrategy) are accepted where a variable
   list is (build, minimize, get_slot), and rejected with a clear error as the
   variable of a single gradient;
@@ -19,6 +20,7 @@ import pytest
 import tensorflow as tf
 
 import tf_adamax
+from tf_adamax import _distribute
 
 
 @pytest.mark.parametrize("mode", ["exact", "lazy"])
@@ -56,6 +58,126 @@ def test_dynamic_length_sparse_padding_changes_nothing(mode):
         touched = tables[False].numpy() != init
         np.testing.assert_array_equal(tables[True].numpy()[~touched],
                                       init[~touched])
+
+
+def _slices(rng, n, rows=40, dim=3, dtype=np.int32):
+    ids = rng.integers(1, rows - 1, size=n).astype(dtype)
+    ids[: n // 2] = ids[0]  # duplicates
+    values = rng.normal(size=(n, dim)).astype(np.float32)
+    values[1 : n // 2 : 2] *= -1  # of opposite signs
+    return tf.IndexedSlices(tf.constant(values), tf.constant(ids),
+                            tf.constant([rows, dim]))
+
+
+def test_bucketed_pads_eager_and_unknown_lengths_only():
+    rng = np.random.default_rng(0)
+    var = tf.Variable(tf.zeros([40, 3]))
+    lengths = set()
+    for n in range(1, 700):
+        grad = _slices(rng, n)
+        out = _distribute.bucketed(grad, var)
+        size = int(out.indices.shape[0])
+        # Rounded up by less than a quarter (at least to a multiple of 1).
+        assert n <= size < n + max(1, n / 4 + 1), (n, size)
+        np.testing.assert_array_equal(out.indices[:n], grad.indices)
+        np.testing.assert_array_equal(out.values[:n], grad.values)
+        np.testing.assert_array_equal(out.indices[n:], 40)  # past the table
+        np.testing.assert_array_equal(out.values[n:], 0.0)
+        if 100 <= n <= 400:
+            lengths.add(size)
+    # Four sizes per power of two: 100..400 spans two octaves and a bit.
+    assert len(lengths) <= 12, sorted(lengths)
+    assert _distribute.bucketed(tf.ones([40, 3]), var).shape == [40, 3]
+
+    seen = {}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32)])
+    def unknown(ids):
+        grad = tf.IndexedSlices(tf.ones([tf.shape(ids)[0], 3]), ids)
+        seen["unknown"] = _distribute.bucketed(grad, var)
+        return tf.shape(seen["unknown"].indices)[0]
+
+    @tf.function
+    def static():
+        grad = _slices(rng, 9)
+        seen["static"] = (_distribute.bucketed(grad, var), grad)
+
+    assert int(unknown(tf.range(9))) == 10
+    static()
+    assert seen["static"][0] is seen["static"][1]  # a static length stays
+
+
+@pytest.fixture
+def bucketed_lengths(monkeypatch):
+    """The sparse lengths that reach a compiled update, recorded."""
+    lengths = []
+    original = _distribute.bucketed
+
+    def recording(grad, var):
+        out = original(grad, var)
+        if isinstance(out, tf.IndexedSlices) and tf.executing_eagerly():
+            lengths.append(int(out.indices.shape[0]))
+        return out
+
+    monkeypatch.setattr(_distribute, "bucketed", recording)
+    return lengths
+
+
+def _eager_steps_match_unpadded(make_opt, apply, bucketed_lengths, mode):
+    """Eager calls bring a new concrete length each time: the compiled
+    update sees a few bucket sizes (each would be a new XLA compile), with
+    results equal to the non-XLA core's."""
+    rng = np.random.default_rng(5)
+    init = rng.normal(size=(40, 3)).astype(np.float32)
+    table, reference = tf.Variable(init), tf.Variable(init)
+    opt = make_opt()
+    ref_opt = tf_adamax.Adamax(0.05, sparse_mode=mode, jit_compile=False)
+    ns = rng.integers(100, 400, size=24)
+    for n in ns:
+        grad = _slices(rng, int(n))
+        apply(opt, grad, table)
+        ref_opt.apply_gradients([(grad, reference)])
+    assert len(bucketed_lengths) == len(ns)
+    assert all(b >= n for b, n in zip(bucketed_lengths, ns))
+    assert len(set(bucketed_lengths)) < len(set(ns.tolist()))
+    assert len(set(bucketed_lengths)) <= 12
+    np.testing.assert_allclose(table.numpy(), reference.numpy(),
+                               rtol=1e-5, atol=1e-6)
+    return opt, table
+
+
+@pytest.mark.parametrize("mode", ["exact", "lazy"])
+def test_eager_calls_of_varying_sparse_length_compile_few_programs(
+        mode, bucketed_lengths):
+    opt, table = _eager_steps_match_unpadded(
+        lambda: tf_adamax.Adamax(0.05, sparse_mode=mode),
+        lambda opt, grad, var: opt.apply_gradients([(grad, var)]),
+        bucketed_lengths, mode)
+    assert int(opt.iterations.numpy()) == 24
+    for row in (0, 39):  # never named: padding names row 40, past the end
+        assert opt.get_slot(table, "norm").numpy()[row].max() == 0
+
+
+@pytest.mark.parametrize("mode", ["exact", "lazy"])
+def test_keras3_adapter_eager_calls_of_varying_sparse_length(
+        mode, bucketed_lengths):
+    import tf_adamax.keras  # Keras 3, imported only by this test
+
+    _eager_steps_match_unpadded(
+        lambda: tf_adamax.keras.Adamax(0.05, sparse_mode=mode),
+        lambda opt, grad, var: opt.apply([grad], [var]),
+        bucketed_lengths, mode)
+
+
+@pytest.mark.parametrize("mode", ["exact", "lazy"])
+def test_tf_keras_adapter_eager_calls_of_varying_sparse_length(
+        mode, bucketed_lengths):
+    import tf_adamax.tf_keras  # tf-keras, imported only by this test
+
+    _eager_steps_match_unpadded(
+        lambda: tf_adamax.tf_keras.Adamax(0.05, sparse_mode=mode),
+        lambda opt, grad, var: opt.apply_gradients([(grad, var)]),
+        bucketed_lengths, mode)
 
 
 def _sharded(rows=6):

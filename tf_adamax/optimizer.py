@@ -8,7 +8,6 @@ list of variables); the strategy glue in `_distribute`.
 from __future__ import annotations
 
 import json
-import math
 import re
 import warnings
 
@@ -537,31 +536,11 @@ class Adamax(tf.Module):
         return self._iterations
 
     def _bucketed(self, grad, var):
-        """Pads a sparse gradient of data-dependent length for XLA.
-
-        XLA compiles one program per input shape. When the number of sparse
-        rows is only known at run time (parameter-server shards, ragged
-        batches) it is rounded up to one of four sizes per power of two, so
-        the update compiles a handful of times instead of once per new
-        length. Padding rows name row `num_rows` (out of range: XLA's
-        scatters drop them) and carry zeros, so no row changes because of
-        them.
-        """
-        if (not self._jit_compile or not isinstance(grad, tf.IndexedSlices)
-                or grad.indices.shape[0] is not None):
+        """A sparse gradient padded to a size bucket for XLA
+        (`_distribute.bucketed`); unchanged without `jit_compile`."""
+        if not self._jit_compile:
             return grad
-        n = tf.shape(grad.indices)[0]
-        octave = tf.math.floor(tf.math.log(tf.cast(tf.maximum(n, 1),
-                                                   tf.float32)) / math.log(2))
-        step = tf.cast(tf.pow(2.0, tf.maximum(octave - 2.0, 0.0)), tf.int32)
-        pad = (n + step - 1) // step * step - n
-        rows = tf.cast(_math.num_rows(_distribute.unwrap(var)),
-                       grad.indices.dtype)
-        values = tf.concat([grad.values, tf.zeros(
-            tf.concat([[pad], tf.shape(grad.values)[1:]], 0),
-            grad.values.dtype)], 0)
-        indices = tf.concat([grad.indices, tf.fill([pad], rows)], 0)
-        return tf.IndexedSlices(values, indices, grad.dense_shape)
+        return _distribute.bucketed(grad, var)
 
     def minimize(self, loss, var_list, tape=None):
         """Computes gradients of `loss` and applies them.
