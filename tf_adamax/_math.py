@@ -193,9 +193,7 @@ def sum_duplicates(indices, values):
       every copy (`per_entry`).
     """
     holder = _holders(indices)
-    once = tf.math.unsorted_segment_sum(_summable(values), holder,
-                                        tf.shape(indices)[0])
-    return indices, once, holder
+    return indices, _sum_at(_summable(values), holder), holder
 
 
 # Each round hashes `key ^ salt` with MurmurHash3's 32-bit finalizer, a new
@@ -279,6 +277,25 @@ def _holders(indices):
     return holder
 
 
+def _sum_at(values, holder):
+    """Each entry's row added into the row at position `holder[i]` (entries
+    with a negative holder add nothing): the rows summed per holder, zero
+    rows at the other entries.
+
+    An entry that holds its own sum starts from its row, and only the other
+    copies are scattered (onto it): XLA:CPU then scatters into the selected
+    rows in place, where adding every row into zeros costs several times as
+    much (~0.07 ms for 4096 rows of 64 here, benchmarks/).
+    """
+    n = tf.shape(holder, out_type=holder.dtype)[0]
+    own = tf.equal(holder, tf.range(n, dtype=holder.dtype))
+    mask = tf.reshape(own, tf.concat(
+        [tf.shape(own), tf.ones([tf.rank(values) - 1], tf.int32)], 0))
+    return tf.where(mask, values, tf.zeros_like(values)) + (
+        tf.math.unsorted_segment_sum(
+            values, tf.where(own, -tf.ones_like(holder), holder), n))
+
+
 def per_entry(once, holder):
     """Each entry's full row sum, repeated at every copy of a row: an update
     computed per entry is then the same for every copy, and a scatter of it
@@ -312,10 +329,9 @@ def sum_duplicates_by_row(indices, values, num_rows):
     row = tf.where(valid, indices, size)
     entry = tf.minimum(tf.math.unsorted_segment_min(
         tf.range(n, dtype=indices.dtype), row, size + 1), n)
-    # Negative segment ids are dropped: invalid entries add nothing.
-    once = tf.math.unsorted_segment_sum(
-        _summable(values), tf.where(valid, tf.gather(entry, row), -1),
-        tf.shape(indices)[0])
+    # A negative holder drops the entry: invalid entries add nothing.
+    once = _sum_at(_summable(values),
+                   tf.where(valid, tf.gather(entry, row), -1))
     return once, entry
 
 
