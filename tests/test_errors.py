@@ -182,19 +182,31 @@ def _unknown_shape_step(opt, var, user_jit):
                        jit_compile=user_jit)
 
 
+@pytest.mark.parametrize("accumulation", (None, 2))
 @pytest.mark.parametrize("opt_jit", (True, False))
 @pytest.mark.parametrize("shape", ((1, 3), (6, 3), (0, 3), (5,)))
-def test_dense_shape_known_at_run_time_is_checked(opt_jit, shape):
-    # A [1, 3] gradient must not broadcast over the [5, 3] variable.
+def test_dense_shape_known_at_run_time_is_checked(opt_jit, shape,
+                                                  accumulation):
+    # A [1, 3] gradient must not broadcast over the [5, 3] variable. With
+    # accumulation and no XLA, TF's graph optimizer once folded the check
+    # away (the accumulator's assign_add told it the shape) and the step
+    # failed in that assign, after other variables had accumulated.
     a = tf.Variable(tf.zeros((5, 3)), name="weights_a")
-    opt = tf_adamax.Adamax(learning_rate=0.01, jit_compile=opt_jit)
-    opt.build([a])
-    before = snapshot(opt, [a])
-    step = _unknown_shape_step(opt, a, user_jit=False)
+    b = tf.Variable(tf.zeros((2,)), name="weights_b")
+    opt = tf_adamax.Adamax(learning_rate=0.01, jit_compile=opt_jit,
+                           gradient_accumulation_steps=accumulation)
+    opt.build([b, a])
+    before = snapshot(opt, [a, b])
+    state = [v.numpy().copy() for v in opt.variables]  # accumulators too
+    step = tf.function(
+        lambda g: opt.apply_gradients([(tf.ones((2,)), b), (g, a)]),
+        input_signature=[tf.TensorSpec(None, tf.float32)])
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=_mentions("weights_a", "shape")):
         step(tf.ones(shape))
-    assert_same_state(before, snapshot(opt, [a]))
+    assert_same_state(before, snapshot(opt, [a, b]))
+    for old, new in zip(state, opt.variables):
+        np.testing.assert_array_equal(new.numpy(), old, err_msg=new.name)
     step(tf.ones((5, 3)))  # the right shape still works
     assert int(opt.iterations.numpy()) == 1
 

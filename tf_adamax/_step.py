@@ -198,6 +198,13 @@ def apply_step(config: StepConfig, states, grads, decays, iteration,
     step = updates + 1
 
     if n:
+        # Dense gradients reshaped to their (static) variable shapes: fed
+        # as they are to the accumulator's assign_add, whose shape function
+        # merges them with the variable's shape, TF's graph optimizer would
+        # learn a shape known only at run time from it, and fold away the
+        # run-time check that must fail first (`_checks.run_time_checks`).
+        grads = [g if isinstance(g, SparseRows) else tf.reshape(g, s.var.shape)
+                 for g, s in zip(grads, states)]
 
         def update_with_mean():
             mean = [
