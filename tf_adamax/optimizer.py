@@ -68,8 +68,10 @@ class Adamax(tf.Module):
       loss_scale_factor: gradients are divided by it (the loss is multiplied
         by it in `minimize` / `scale_loss`).
       gradient_accumulation_steps: update every N calls with the mean of the
-        N gradients (as Keras 3: `iterations` counts calls). Sparse
-        gradients are accumulated densely.
+        N gradients. `iterations` counts calls, as Keras 3's variable
+        `_iterations` does (its `iterations` property reports
+        `_iterations // N`, the updates). Sparse gradients are accumulated
+        densely.
       sparse_mode: "exact" or "lazy", see above.
       jit_compile: compile the update with XLA.
       name: the module name.
