@@ -198,13 +198,6 @@ def apply_step(config: StepConfig, states, grads, decays, iteration,
     step = updates + 1
 
     if n:
-        # Dense gradients reshaped to their (static) variable shapes: fed
-        # as they are to the accumulator's assign_add, whose shape function
-        # merges them with the variable's shape, TF's graph optimizer would
-        # learn a shape known only at run time from it, and fold away the
-        # run-time check that must fail first (`_checks.run_time_checks`).
-        grads = [g if isinstance(g, SparseRows) else tf.reshape(g, s.var.shape)
-                 for g, s in zip(grads, states)]
 
         def update_with_mean():
             mean = [
@@ -227,8 +220,15 @@ def apply_step(config: StepConfig, states, grads, decays, iteration,
                     s.accumulator.scatter_add(tf.IndexedSlices(
                         tf.cast(g.once, s.accumulator.dtype), g.rows))
                 else:
-                    s.accumulator.assign_add(
-                        tf.cast(g, s.accumulator.dtype), read_value=False)
+                    # Not assign_add(g): its shape function merges g's shape
+                    # with the variable's, from which TF's graph optimizer
+                    # learns a shape known only at run time and folds away
+                    # the run-time check that must fail first
+                    # (`_checks.run_time_checks`). (A reshape to the static
+                    # shape would tell it too.) XLA compiles both the same.
+                    s.accumulator.assign(
+                        s.accumulator + tf.cast(g, s.accumulator.dtype),
+                        read_value=False)
             return tf.constant(False)
 
         tf.cond((iteration + 1) % n == 0, update_with_mean, accumulate)
