@@ -151,7 +151,6 @@ class Adamax(tf.Module):
             exclude_ids=set(),
             exclude_names=(),
             sharded_slots={},  # (shard keys, slot name) -> ShardedVariable
-            more_updates=[],  # the compiled updates of programs 2, 3, ...
         )
         self._iterations = _distribute.create_state(
             self._strategy, 0, "iteration", tf.int64)
@@ -508,7 +507,7 @@ class Adamax(tf.Module):
         decays = [self._decays(v) for v in variables]
         states = self._states(variables)
         with tf.control_dependencies(checks):
-            for k, group in enumerate(groups):
+            for group in groups:
                 with tf.device(group.device):
                     iteration = _distribute.component(
                         strategy, self._iterations, group).read_value()
@@ -516,7 +515,7 @@ class Adamax(tf.Module):
                         strategy, self._learning_rate, group)
                         if isinstance(self._learning_rate, tf.Variable)
                         else None)
-                    self._update_fn(k)(
+                    self._fns.update(
                         self._config,
                         [_component_state(strategy, states[i], group)
                          for i in group.positions],
@@ -537,20 +536,6 @@ class Adamax(tf.Module):
             # Also after the index checks: a failed check changes nothing.
             self._iterations.assign_add(1, read_value=False)
         return self._iterations
-
-    def _update_fn(self, k):
-        """The update of a step's k-th program (device or CPU part).
-
-        With XLA each program has a tf.function of its own, so each is
-        traced once (one function would trace once per device and per part
-        of another structure); the first is `self._fns.update`.
-        """
-        if k == 0 or not self._jit_compile:
-            return self._fns.update
-        more = self._fns.more_updates
-        while len(more) < k:
-            more.append(_distribute.compiled(_step.apply_step))
-        return more[k - 1]
 
     def _bucketed(self, grad, var):
         """A sparse gradient padded to a size bucket for XLA
