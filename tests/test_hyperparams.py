@@ -99,9 +99,12 @@ KWARGS = {
     "accumulation": dict(gradient_accumulation_steps=3, learning_rate="schedule"),
     "ema": dict(use_ema=True, ema_momentum=0.9),
     "ema_overwrite": dict(use_ema=True, ema_momentum=0.7, ema_overwrite_frequency=3),
+    # The EMA counts updates (calls // N), as Keras 3: its first call copies.
+    "ema_accumulation": dict(use_ema=True, ema_momentum=0.9,
+                             gradient_accumulation_steps=2),
 }
 # Conditional logic (accumulation, EMA overwrite) also runs in a user graph.
-GRAPH_SENSITIVE = ("accumulation", "ema_overwrite")
+GRAPH_SENSITIVE = ("accumulation", "ema_overwrite", "ema_accumulation")
 
 
 def _kwargs_cases():
@@ -140,6 +143,52 @@ def test_keyword_arguments_match_reference(name, mode, rng):
                                               err_msg="after finalize")
         # The averages really differ from the raw weights at this point.
         assert not np.allclose(to_numpy(variables[0]), raw, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("clip", [dict(clipnorm=1.0), dict(global_clipnorm=1.0)],
+                         ids=["clipnorm", "global_clipnorm"])
+@pytest.mark.parametrize("mode", ("eager", "jit"))
+@pytest.mark.parametrize("dtype", (np.float16, "bfloat16"))
+def test_half_precision_gradients_are_clipped_by_a_float32_norm(dtype, mode,
+                                                                clip):
+    # 300 squared is past float16's largest finite value (65504): a norm
+    # taken in float16 would be inf, and the step 0 or NaN.
+    import ml_dtypes
+
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
+    init = np.array([1.0, -1.0, 0.5, 2.0], np_dtype)
+    var = tf.Variable(init)
+    opt = make_optimizer(mode, learning_rate=0.1, **clip)
+    ref = AdamaxReference(learning_rate=0.1, **clip)
+    ref.add_variable(0, init, np_dtype)
+    step = make_step(opt, mode, [var])
+    for g in ([300.0, 1.0, -1.0, 1.0], [-2.0, 400.0, 1.0, 0.0]):
+        grad = np.array(g, np_dtype)
+        step([tf.constant(grad)])
+        ref.apply({0: grad.astype(np.float64)})
+        # The clipped gradient is rounded to its own dtype (as in Keras)
+        # before the float32 slots take it: half-precision tolerance.
+        name = "bfloat16" if dtype == "bfloat16" else "float16"
+        assert_allclose_according_to_type(var, ref.w[0], name)
+        for slot, expected in (("momentum", ref.m[0]), ("norm", ref.u[0])):
+            assert_allclose_according_to_type(opt.get_slot(var, slot),
+                                              expected, name, slot)
+    assert np.all(np.isfinite(var.numpy().astype(np.float32)))
+
+
+@pytest.mark.parametrize("front", ("core", "keras3"))
+@pytest.mark.parametrize("clips", [dict(clipnorm=1.0, clipvalue=0.5),
+                                   dict(clipvalue=0.5, global_clipnorm=1.0)],
+                         ids=["clipnorm+clipvalue", "clipvalue+global_clipnorm"])
+def test_only_one_clip_option_as_in_keras3(front, clips):
+    # The step clips one way only: a second option would be ignored silently.
+    import tf_adamax.keras
+
+    cls = {"core": tf_adamax.Adamax, "keras3": tf_adamax.keras.Adamax}[front]
+    with pytest.raises(ValueError, match="Only one of clipnorm, clipvalue"):
+        cls(**clips)
+    with pytest.raises(ValueError):  # and Keras 3's own optimizer agrees
+        keras.optimizers.Adamax(**clips)
 
 
 def test_finalize_without_ema_is_a_no_op(rng):

@@ -122,12 +122,16 @@ def check_adamax(beta_1, beta_2, epsilon, sparse_mode):
 
 
 def check_update_options(learning_rate, weight_decay, clipnorm, clipvalue,
-                         global_clipnorm, zero_clip_is_off=False):
+                         global_clipnorm, zero_clip_is_off=False,
+                         one_clip=True):
     """The Keras 3 keyword checks every front end shares (the Keras base
     classes themselves accept a negative or NaN rate, decay or clip).
 
     `zero_clip_is_off`: the Keras adapters accept a clip value of 0, which
     Keras reads as "no clipping" (configs saved by Keras may hold it).
+    `one_clip`: at most one of the three clip options, as Keras 3 requires
+    (tf-keras applies `clipvalue` after a norm clip; only `clipnorm` with
+    `global_clipnorm` is refused there).
     """
     check_learning_rate(learning_rate)
     check_scalar("weight_decay", weight_decay, low=0.0, high=None,
@@ -137,6 +141,14 @@ def check_update_options(learning_rate, weight_decay, clipnorm, clipvalue,
             None if (isinstance(x, numbers.Number) and x == 0) else x
             for x in (clipnorm, clipvalue, global_clipnorm))
     check_clipping(clipnorm, clipvalue, global_clipnorm)
+    given = [f"{name}={value}" for name, value in (
+        ("clipnorm", clipnorm), ("clipvalue", clipvalue),
+        ("global_clipnorm", global_clipnorm)) if value is not None]
+    if one_clip and len(given) > 1:
+        # Otherwise the step would silently use only one of them.
+        raise ValueError(
+            f"Only one of clipnorm, clipvalue and global_clipnorm can be set "
+            f"(as in Keras 3); got {', '.join(given)}.")
 
 
 def check_positive_int(name, value, minimum):

@@ -129,7 +129,7 @@ class Adamax(_adapter.KernelUpdates, tf_keras.optimizers.Optimizer):
         _hyper.check_adamax(beta_1, beta_2, epsilon, sparse_mode)
         _hyper.check_update_options(learning_rate, weight_decay, clipnorm,
                                     clipvalue, global_clipnorm,
-                                    zero_clip_is_off=True)
+                                    zero_clip_is_off=True, one_clip=False)
         super().__init__(
             name=name,
             weight_decay=weight_decay,
