@@ -1,5 +1,7 @@
 """Compilation and distribution plumbing of the core optimizer.
 
+- global_clipnorm over variables on two devices (one program each) clips by
+  the norm of the unscaled gradients;
 - sparse gradients whose length is only known at run time, or that reach the
   compiled update eagerly, are padded to size buckets for XLA (a few
   programs instead of one per length); the padding must change nothing;
@@ -254,6 +256,52 @@ def test_apply_inside_xla_replica_function_is_a_clear_error(tmp_path):
     assert "jit_compile=True" in proc.stdout
     assert "call apply_gradients outside it" in proc.stdout
     assert "iterations 0" in proc.stdout
+
+
+SPLIT_GLOBAL_NORM_SCRIPT = textwrap.dedent("""
+    import json, os
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    import numpy as np
+    import tensorflow as tf
+    cpus = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(
+        cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+    import tf_adamax
+
+    grads = [np.array([[3.0, 4.0]]), np.array([12.0])]
+    out = {}
+    for devices in (("/cpu:0", "/cpu:0"), ("/cpu:0", "/cpu:1")):
+        variables = []
+        for device, g in zip(devices, grads):
+            with tf.device(device):
+                variables.append(tf.Variable(tf.zeros(g.shape, tf.float64)))
+        opt = tf_adamax.Adamax(0.1, global_clipnorm=1.0, loss_scale_factor=4.0)
+        opt.apply_gradients([(tf.constant(g), v)
+                             for g, v in zip(grads, variables)])
+        out[devices[1]] = [opt.get_slot(v, "momentum").numpy().ravel().tolist()
+                           for v in variables]
+    print(json.dumps(out))
+""")
+
+
+def test_global_clipnorm_over_devices_divides_the_loss_scale_first(tmp_path):
+    # Variables on two devices: each device runs its own program, so the
+    # global norm is taken apart (`_step.global_grad_norm`); it must be the
+    # norm of the unscaled gradients, as on one device.
+    import json
+
+    script = tmp_path / "split_global_norm.py"
+    script.write_text(SPLIT_GLOBAL_NORM_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True,
+                          text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Unscaled: [0.75, 1], [3]; norm 3.25 > 1, so clipped to norm 1.
+    expected = [[0.1 * 0.75 / 3.25, 0.1 * 1.0 / 3.25], [0.1 * 3.0 / 3.25]]
+    for got in out.values():
+        for g, e in zip(got, expected):
+            np.testing.assert_allclose(g, e, rtol=1e-12)
 
 
 def test_importing_tf_adamax_imports_no_keras():
