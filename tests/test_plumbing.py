@@ -246,16 +246,23 @@ XLA_REPLICA_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_apply_inside_xla_replica_function_is_a_clear_error(tmp_path):
-    script = tmp_path / "xla_replica.py"
-    script.write_text(XLA_REPLICA_SCRIPT)
+def _run_script(tmp_path, source):
+    """Runs `source` in a fresh Python (two logical CPUs need a fresh TF);
+    returns its stdout, after checking it exited cleanly."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
     proc = subprocess.run([sys.executable, str(script)], capture_output=True,
                           text=True, timeout=300,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "jit_compile=True" in proc.stdout
-    assert "call apply_gradients outside it" in proc.stdout
-    assert "iterations 0" in proc.stdout
+    return proc.stdout
+
+
+def test_apply_inside_xla_replica_function_is_a_clear_error(tmp_path):
+    stdout = _run_script(tmp_path, XLA_REPLICA_SCRIPT)
+    assert "jit_compile=True" in stdout
+    assert "call apply_gradients outside it" in stdout
+    assert "iterations 0" in stdout
 
 
 SPLIT_GLOBAL_NORM_SCRIPT = textwrap.dedent("""
@@ -290,13 +297,8 @@ def test_global_clipnorm_over_devices_divides_the_loss_scale_first(tmp_path):
     # norm of the unscaled gradients, as on one device.
     import json
 
-    script = tmp_path / "split_global_norm.py"
-    script.write_text(SPLIT_GLOBAL_NORM_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True,
-                          text=True, timeout=300,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    stdout = _run_script(tmp_path, SPLIT_GLOBAL_NORM_SCRIPT)
+    out = json.loads(stdout.strip().splitlines()[-1])
     # Unscaled: [0.75, 1], [3]; norm 3.25 > 1, so clipped to norm 1.
     expected = [[0.1 * 0.75 / 3.25, 0.1 * 1.0 / 3.25], [0.1 * 3.0 / 3.25]]
     for got in out.values():
