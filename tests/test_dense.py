@@ -130,14 +130,22 @@ def test_no_retrace_eager_calls_of_compiled_update(rng):
     assert tracing_counts(inner_fns) == counts
 
 
-def test_minimize_callable_and_tape_match_reference(rng):
-    """minimize(callable) and minimize(tensor, tape=...) against the reference."""
+@pytest.mark.parametrize("kwargs", [{}, dict(loss_scale_factor=8.0, clipvalue=0.5)],
+                         ids=["plain", "loss_scale_factor"])
+def test_minimize_callable_and_tape_match_reference(rng, kwargs):
+    """minimize(callable) and minimize(tensor, tape=...) against the reference.
+
+    With `loss_scale_factor` both forms multiply the loss (for the tensor
+    form, on the user's tape) and divide the gradients; the clip makes a
+    missing multiplication visible (Adamax itself barely sees a uniform
+    scale)."""
     target = rng.standard_normal((5, 3))
     init = rng.standard_normal((5, 3))
+    scale = kwargs.get("loss_scale_factor", 1.0)
     for form in ("callable", "tape"):
         var = tf.Variable(init, dtype=tf.float64)
-        opt = tf_adamax.Adamax(learning_rate=LR)
-        ref = AdamaxReference(learning_rate=LR)
+        opt = tf_adamax.Adamax(learning_rate=LR, **kwargs)
+        ref = AdamaxReference(learning_rate=LR, **kwargs)
         ref.add_variable(0, init)
         for _ in range(5):
             # loss = 0.5 * |w - target|^2  =>  grad = w - target
@@ -149,7 +157,7 @@ def test_minimize_callable_and_tape_match_reference(rng):
                 with tf.GradientTape() as tape:
                     loss = loss_fn()
                 opt.minimize(loss, [var], tape=tape)
-            ref.apply({0: grad})
+            ref.apply({0: grad * scale})  # the gradient of the scaled loss
             check_against_reference(opt, [var], ref, [0], err_msg=form)
 
 

@@ -328,6 +328,22 @@ def test_importing_tf_adamax_imports_no_keras():
     assert "tf_keras False" in proc.stdout
 
 
+@pytest.mark.parametrize("device,parts", [
+    ("/job:localhost/replica:0/task:0/device:CPU:0", 4), ("/device:CPU:0", 4),
+    ("/job:localhost/replica:0/task:0/device:GPU:0", 1), ("/device:TPU:0", 1),
+    ("", 1)])
+def test_only_cpu_groups_are_split_into_programs(device, parts):
+    # One launch of one program is cheapest on GPU and TPU (DESIGN: one
+    # compiled program per call); CPU programs run concurrently on cores.
+    variables = [tf.Variable(tf.zeros([2])) for _ in range(128)]
+    group = _distribute.Group(device=device, positions=list(range(128)),
+                              replica=None)
+    out = _distribute.split_for_cores([group], variables, cores=4)
+    assert len(out) == parts
+    assert [p for g in out for p in g.positions] == list(range(128))
+    assert all(g.device == device for g in out)
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(sparse_mode="exact", weight_decay=0.01),
     dict(sparse_mode="lazy", use_ema=True, gradient_accumulation_steps=2),
