@@ -140,15 +140,7 @@ def check_update_options(learning_rate, weight_decay, clipnorm, clipvalue,
         clipnorm, clipvalue, global_clipnorm = (
             None if (isinstance(x, numbers.Number) and x == 0) else x
             for x in (clipnorm, clipvalue, global_clipnorm))
-    check_clipping(clipnorm, clipvalue, global_clipnorm)
-    given = [f"{name}={value}" for name, value in (
-        ("clipnorm", clipnorm), ("clipvalue", clipvalue),
-        ("global_clipnorm", global_clipnorm)) if value is not None]
-    if one_clip and len(given) > 1:
-        # Otherwise the step would silently use only one of them.
-        raise ValueError(
-            f"Only one of clipnorm, clipvalue and global_clipnorm can be set "
-            f"(as in Keras 3); got {', '.join(given)}.")
+    check_clipping(clipnorm, clipvalue, global_clipnorm, one_clip)
 
 
 def check_positive_int(name, value, minimum):
@@ -163,16 +155,26 @@ def check_positive_int(name, value, minimum):
     return int(value)
 
 
-def check_clipping(clipnorm, clipvalue, global_clipnorm):
+def check_clipping(clipnorm, clipvalue, global_clipnorm, one_clip=True):
+    """Each clip option positive; clipnorm and global_clipnorm never both,
+    and with `one_clip` (Keras 3's rule) no two options at all: the step
+    would silently use only one of them."""
     if clipnorm is not None and global_clipnorm is not None:
         raise ValueError(
             f"clipnorm ({clipnorm}) and global_clipnorm ({global_clipnorm}) "
             "are mutually exclusive: set only one of them."
         )
-    for name, value in (("clipnorm", clipnorm), ("clipvalue", clipvalue),
-                        ("global_clipnorm", global_clipnorm)):
+    clips = {"clipnorm": clipnorm, "clipvalue": clipvalue,
+             "global_clipnorm": global_clipnorm}
+    for name, value in clips.items():
         check_scalar(name, value, low=0.0, low_open=True, high=None,
                      allow_none=True)
+    given = [f"{name}={value}" for name, value in clips.items()
+             if value is not None]
+    if one_clip and len(given) > 1:
+        raise ValueError(
+            f"Only one of clipnorm, clipvalue and global_clipnorm can be set "
+            f"(as in Keras 3); got {', '.join(given)}.")
 
 
 def lazy_decay_keys(sparse_mode, accumulating, grads, variables, key,
