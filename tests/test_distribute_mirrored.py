@@ -61,7 +61,8 @@ def child_mirrored(configs, num_steps, ckpt_modes, ckpt_dir):
     for key, child in (("cross-replica", child_cross_replica),
                        ("replica-shape", child_replica_shape_mismatch),
                        ("constraint", child_constraint),
-                       ("sparse-stays-sparse", child_sparse_stays_sparse)):
+                       ("sparse-stays-sparse", child_sparse_stays_sparse),
+                       ("bfloat16-sparse", child_bfloat16_sparse)):
         try:
             results[key] = child(tf, strategy)
         except Exception:  # noqa: BLE001 - reported by the owning test
@@ -165,6 +166,62 @@ def child_sparse_stays_sparse(tf, strategy):
         out[mode] = {"found": found, "ops": count,
                      "row1": [v.numpy()[1].tolist()
                               for v in strategy.experimental_local_results(table)]}
+    return out
+
+
+def child_bfloat16_sparse(tf, strategy):
+    """A bfloat16 table's IndexedSlices gradients under the strategy (TF's
+    all-gather of the values has no bfloat16 kernel) and on one device fed
+    both replicas' slices, per mode and jit setting: the tables and slots
+    after two steps."""
+    import tf_adamax
+
+    rows = tf.constant([[1, 3, 1], [3, 1, 4]])  # row 1 and 3 across replicas
+    base = tf.constant([[[0.5, -1.0], [2.0, 0.25], [-1.5, 0.75]],
+                        [[1.5, 1.0], [-2.0, -0.25], [3.0, 1.25]]])
+
+    def grads(step):  # multiples of 1/8: every sum is exact in float32
+        return [tf.IndexedSlices(tf.cast(base[r] * (step + 1.0), tf.bfloat16),
+                                 rows[r], tf.constant([6, 2]))
+                for r in range(NUM_REPLICAS)]
+
+    init = np.arange(12, dtype=np.float32).reshape(6, 2) / 4
+
+    def state(table, opt):  # [(table, m, u) of each copy]
+        local = strategy.experimental_local_results
+        return [[np.array(tf.cast(x, tf.float32)).tolist() for x in copy]
+                for copy in zip(*[local(x) for x in [
+                    table, opt.get_slot(table, "momentum"),
+                    opt.get_slot(table, "norm")]])]
+
+    out = {}
+    for mode in ("exact", "lazy"):
+        for jit in (True, False):
+            with strategy.scope():
+                table = tf.Variable(tf.constant(init, tf.bfloat16), name="emb")
+                opt = tf_adamax.Adamax(0.1, sparse_mode=mode, jit_compile=jit)
+
+            @tf.function
+            def step(s, table=table, opt=opt):
+                def replica_fn():
+                    r = tf.distribute.get_replica_context().replica_id_in_sync_group
+                    g = grads(s)
+                    opt.apply_gradients([(tf.IndexedSlices(
+                        tf.where(tf.equal(r, 0), g[0].values, g[1].values),
+                        tf.where(tf.equal(r, 0), g[0].indices, g[1].indices),
+                        g[0].dense_shape), table)])
+                strategy.run(replica_fn)
+
+            one = tf.Variable(tf.constant(init, tf.bfloat16), name="emb")
+            one_opt = tf_adamax.Adamax(0.1, sparse_mode=mode, jit_compile=jit)
+            for s in range(2):
+                step(tf.constant(float(s)))
+                g = grads(float(s))
+                one_opt.apply_gradients([(tf.IndexedSlices(
+                    tf.concat([x.values for x in g], 0),
+                    tf.concat([x.indices for x in g], 0), g[0].dense_shape), one)])
+            out[f"{mode}/jit={jit}"] = {"copies": state(table, opt),
+                                        "one_device": state(one, one_opt)[0]}
     return out
 
 
@@ -406,6 +463,25 @@ def test_replica_gradient_of_wrong_run_time_shape_is_named_before_the_sum(
         assert "tbl" in got["error"], (case, got["error"][:500])
         assert got["unchanged"], case
         assert got["good_step_iterations"] == 1, (case, got["good_step_iterations"])
+
+
+def test_bfloat16_sparse_gradients_are_summed_over_replicas(mirrored_results):
+    # TF 2.21 cannot all-gather bfloat16 IndexedSlices values (its own
+    # optimizers fail too); they are widened to float32, exactly, so each copy
+    # equals one device fed both replicas' slices.
+    rec = dh.check_record(mirrored_results["bfloat16-sparse"])
+    assert set(rec) == {f"{m}/jit={j}" for m in ("exact", "lazy")
+                        for j in (True, False)}
+    init = (np.arange(12, dtype=np.float32).reshape(6, 2) / 4).tolist()
+    for case, got in rec.items():
+        assert len(got["copies"]) == NUM_REPLICAS, case
+        for copy in got["copies"]:
+            assert copy == got["one_device"], case
+        table, m, _ = got["one_device"]
+        assert table[1] != init[1] and table[4] != init[4], case  # stepped
+        assert m[1] != [0.0, 0.0], case
+        if case.startswith("lazy"):
+            assert table[0] == init[0] and m[0] == [0.0, 0.0], case
 
 
 def test_constraint_projects_each_copy_after_the_summed_update(mirrored_results):

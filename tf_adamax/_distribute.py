@@ -178,6 +178,23 @@ def state_float_dtype(strategy):
     return tf.float64
 
 
+def reducible(grad):
+    """`grad` in a form every strategy's all-reduce takes; called in the
+    replica context, before the sum.
+
+    TF 2.21 gathers the values of `tf.IndexedSlices` over replicas
+    (MirroredStrategy, MultiWorkerMirroredStrategy) with kernels that have
+    no bfloat16 version, so a bfloat16 embedding's sparse gradient fails
+    there (TF's own optimizers included). Its values are widened to float32:
+    exact, and the dtype the sparse kernels sum them in anyway
+    (`_math.compute_dtype`), so the step is the one a single device takes.
+    """
+    if isinstance(grad, tf.IndexedSlices) and grad.values.dtype == tf.bfloat16:
+        return tf.IndexedSlices(tf.cast(grad.values, tf.float32), grad.indices,
+                                grad.dense_shape)
+    return grad
+
+
 def all_reduce(strategy, grads, variables):
     """Sums gradients over replicas (IndexedSlices stay sparse: concatenated).
 
