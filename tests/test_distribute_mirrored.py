@@ -62,7 +62,8 @@ def child_mirrored(configs, num_steps, ckpt_modes, ckpt_dir):
                        ("replica-shape", child_replica_shape_mismatch),
                        ("constraint", child_constraint),
                        ("sparse-stays-sparse", child_sparse_stays_sparse),
-                       ("bfloat16-sparse", child_bfloat16_sparse)):
+                       ("bfloat16-sparse", child_bfloat16_sparse),
+                       ("shared-gradient", child_shared_gradient)):
         try:
             results[key] = child(tf, strategy)
         except Exception:  # noqa: BLE001 - reported by the owning test
@@ -222,6 +223,47 @@ def child_bfloat16_sparse(tf, strategy):
                     tf.concat([x.indices for x in g], 0), g[0].dense_shape), one)])
             out[f"{mode}/jit={jit}"] = {"copies": state(table, opt),
                                         "one_device": state(one, one_opt)[0]}
+    return out
+
+
+def child_shared_gradient(tf, strategy):
+    """Every replica passes the same gradient object (computed outside
+    `strategy.run` and captured): the mirrored variable's copies after two
+    steps, traced and eager, and one device's variable fed the sum (twice
+    the gradient: the dense one doubled, the sparse one's slices twice)."""
+    import tf_adamax
+
+    out = {}
+    for kind in ("dense", "sparse"):
+        for traced in (True, False):
+            # epsilon=1: Adamax's step would not change if the gradients
+            # were all scaled by 2 (once instead of summed twice) otherwise.
+            with strategy.scope():
+                w = tf.Variable(tf.ones((4, 2)), name="shared_w")
+                opt = tf_adamax.Adamax(0.1, epsilon=1.0)
+            one = tf.Variable(tf.ones((4, 2)))
+            one_opt = tf_adamax.Adamax(0.1, epsilon=1.0)
+            dense = tf.constant([[1.0, -2.0], [0.0, 0.0], [3.0, 0.5], [0.0, 0.0]])
+            rows = tf.constant([0, 2])
+            values = tf.gather(dense, rows)
+
+            def step(s, kind=kind, w=w, opt=opt):
+                g = (dense * s if kind == "dense"
+                     else tf.IndexedSlices(values * s, rows, tf.constant([4, 2])))
+                strategy.run(lambda: opt.apply_gradients([(g, w)]))
+
+            for s in (1.0, 2.0):
+                (tf.function(step) if traced else step)(tf.constant(s))
+                one_opt.apply_gradients([(
+                    2 * dense * s if kind == "dense" else tf.IndexedSlices(
+                        tf.concat([values, values], 0) * s,
+                        tf.concat([rows, rows], 0), tf.constant([4, 2])),
+                    one)])
+            out[f"{kind}/traced={traced}"] = {
+                "copies": [np.array(c).tolist() for c in
+                           strategy.experimental_local_results(w)],
+                "one_device": one.numpy().tolist(),
+                "iterations": int(opt.iterations.numpy())}
     return out
 
 
@@ -482,6 +524,21 @@ def test_bfloat16_sparse_gradients_are_summed_over_replicas(mirrored_results):
         assert m[1] != [0.0, 0.0], case
         if case.startswith("lazy"):
             assert table[0] == init[0] and m[0] == [0.0, 0.0], case
+
+
+def test_a_gradient_every_replica_shares_is_summed_over_replicas(mirrored_results):
+    # merge_call regroups one object passed by every replica into one plain
+    # value, which TF's sum could not index (IndexError; tf-keras's Adamax
+    # too). Each replica's copy is summed, as any gradient.
+    rec = dh.check_record(mirrored_results["shared-gradient"])
+    assert set(rec) == {f"{k}/traced={t}" for k in ("dense", "sparse")
+                        for t in (True, False)}
+    for case, got in rec.items():
+        assert got["iterations"] == 2, case
+        assert got["one_device"] != np.ones((4, 2)).tolist(), case
+        for copy in got["copies"]:
+            np.testing.assert_allclose(copy, got["one_device"], rtol=1e-6,
+                                       atol=1e-7, err_msg=case)
 
 
 def test_constraint_projects_each_copy_after_the_summed_update(mirrored_results):

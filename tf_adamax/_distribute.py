@@ -178,21 +178,29 @@ def state_float_dtype(strategy):
     return tf.float64
 
 
-def reducible(grad):
-    """`grad` in a form every strategy's all-reduce takes; called in the
-    replica context, before the sum.
+def replica_own(grad):
+    """`grad` as this replica's own tensor, in a form every strategy's sum
+    takes; called in the replica context, before the sum.
 
-    TF 2.21 gathers the values of `tf.IndexedSlices` over replicas
-    (MirroredStrategy, MultiWorkerMirroredStrategy) with kernels that have
-    no bfloat16 version, so a bfloat16 embedding's sparse gradient fails
-    there (TF's own optimizers included). Its values are widened to float32:
-    exact, and the dtype the sparse kernels sum them in anyway
-    (`_math.compute_dtype`), so the step is the one a single device takes.
+    * A new tensor per replica: `merge_call` regroups an object that every
+      replica passed (a gradient computed outside `strategy.run` and
+      captured) into one plain value, which TF's sum then fails to index
+      (IndexError, TF's own optimizers too). Each replica's copy is summed
+      like any other gradient.
+    * TF 2.21 gathers the values of `tf.IndexedSlices` over replicas
+      (MirroredStrategy, MultiWorkerMirroredStrategy) with kernels that have
+      no bfloat16 version, so a bfloat16 embedding's sparse gradient fails
+      there (TF's own optimizers too). Its values are widened to float32:
+      exact, and the dtype the sparse kernels sum them in anyway
+      (`_math.compute_dtype`), so the step is the one a single device takes.
     """
-    if isinstance(grad, tf.IndexedSlices) and grad.values.dtype == tf.bfloat16:
-        return tf.IndexedSlices(tf.cast(grad.values, tf.float32), grad.indices,
+    if isinstance(grad, tf.IndexedSlices):
+        values = grad.values
+        values = (tf.cast(values, tf.float32) if values.dtype == tf.bfloat16
+                  else tf.identity(values))
+        return tf.IndexedSlices(values, tf.identity(grad.indices),
                                 grad.dense_shape)
-    return grad
+    return tf.identity(grad)
 
 
 def all_reduce(strategy, grads, variables):

@@ -449,7 +449,7 @@ class Adamax(tf.Module):
             # the strategy's collectives aborted for the process.
             grads = _checks.after(
                 _checks.run_time_checks(list(zip(grads, variables))),
-                [_distribute.reducible(g) for g in grads])
+                [_distribute.replica_own(g) for g in grads])
         iterations = _distribute.merge(self._apply_cross_replica, grads,
                                        variables)
         if tf.inside_function():
