@@ -196,6 +196,37 @@ def check_many_variables_split_match_builtin(optimizer_class, builtin_class,
         np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
 
 
+def check_adamax_options_set_after_a_step_match_builtin(optimizer_class,
+                                                       builtin_class,
+                                                       variable_class):
+    """`beta_1`, `beta_2` and `epsilon` set after the compiled update was
+    traced are used where the built-in reads them: eagerly at once, and in
+    a tf.function made after the change (they were frozen in the first
+    trace)."""
+    def new_step(opt, var):  # captured, not tf.function arguments
+        return tf.function(lambda g: opt.apply_gradients([(g, var)]))
+
+    rng = np.random.default_rng(9)
+    init = rng.normal(size=(3, 2)).astype("float32")
+    grads = [rng.normal(size=(3, 2)).astype("float32") for _ in range(5)]
+    results = []
+    for cls in (optimizer_class, builtin_class):
+        var = variable_class(init)
+        opt = cls(learning_rate=0.1)
+        opt.apply_gradients([(tf.constant(grads[0]), var)])
+        opt.beta_1, opt.epsilon = 0.5, 0.5
+        opt.apply_gradients([(tf.constant(grads[1]), var)])
+        opt.beta_2 = 0.6
+        opt.apply_gradients([(tf.constant(grads[2]), var)])
+        new_step(opt, var)(tf.constant(grads[3]))
+        opt.epsilon = 0.25
+        new_step(opt, var)(tf.constant(grads[4]))
+        results.append([np.array(var)] + [np.array(v) for v in opt.variables[1:]])
+    assert len(results[0]) == len(results[1])
+    for ours, theirs in zip(*results):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
 def check_lazy_weight_decay_is_read_at_each_step(optimizer_class, variable_class):
     """Lazy mode: the kernel decays the named rows with the `weight_decay` of
     each call (a compiled update traced before a change still follows it, as

@@ -400,3 +400,39 @@ def test_global_clipnorm_with_non_finite_norm_poisons_every_variable(mode, bad):
     assert all(r.all() for r in results[1]), results[1]  # Keras: NaN everywhere
     for ours, theirs in zip(*results):
         np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_adamax_options_can_be_set_until_a_traced_step(jit):
+    # As Keras: beta_1, beta_2 and epsilon are attributes, and a new value is
+    # used from the next eager step on (the compiled update retraces). After a
+    # tf.function applied a step, a change that function would ignore raises.
+    from reference import dense_step
+
+    rng = np.random.default_rng(4)
+    w0 = rng.normal(size=(3,))
+    grads = rng.normal(size=(3, 3))
+    var = tf.Variable(w0, dtype=tf.float64)
+    opt = make_optimizer("jit" if jit else "eager", learning_rate=0.1)
+    assert (opt.beta_1, opt.beta_2, opt.epsilon) == (0.9, 0.999, 1e-7)
+    w, m, u = w0, np.zeros(3), np.zeros(3)
+    settings = [(0.9, 0.999, 1e-7), (0.5, 0.999, 0.5), (0.5, 0.6, 0.5)]
+    for t, (g, (b1, b2, eps)) in enumerate(zip(grads, settings)):
+        opt.beta_1, opt.beta_2, opt.epsilon = b1, b2, eps
+        opt.apply_gradients([(tf.constant(g), var)])
+        w, m, u = dense_step(w, m, u, g, 0.1, b1, b2, eps, t + 1)
+    np.testing.assert_allclose(var.numpy(), w, rtol=1e-12)
+    np.testing.assert_allclose(opt.get_slot(var, "momentum").numpy(), m,
+                               rtol=1e-12)
+    np.testing.assert_allclose(opt.get_slot(var, "norm").numpy(), u, rtol=1e-12)
+    assert opt.get_config()["beta_2"] == 0.6
+
+    with pytest.raises(ValueError, match="beta_2"):
+        opt.beta_2 = 1.0
+    assert opt.beta_2 == 0.6
+
+    tf.function(lambda: opt.apply_gradients([(tf.constant(grads[0]), var)]))()
+    opt.epsilon = 0.5  # the value the function was traced with
+    with pytest.raises(TypeError, match="Cannot set beta_1 .* tf.function"):
+        opt.beta_1 = 0.3
+    assert opt.beta_1 == 0.5

@@ -23,7 +23,8 @@ import tf_adamax.keras
 from reference import AdamaxReference, SparseGrad
 from keras_cases import (
     BAD_PAIR_CASES, BAD_PAIR_OPTIONS, BATCH, DIM, EMB_LR, REPO_ROOT, TOKENS, VOCAB,
-    assert_matches_reference, check_bad_pairs_change_nothing,
+    assert_matches_reference, check_adamax_options_set_after_a_step_match_builtin,
+    check_bad_pairs_change_nothing,
     check_many_variables_split_match_builtin, check_no_retracing_warning,
     check_lazy_weight_decay_is_read_at_each_step,
     check_lazy_weight_decay_respects_exclusion,
@@ -746,6 +747,11 @@ def test_many_variables_split_over_cores_match_builtin(monkeypatch):
 
 def test_lazy_weight_decay_is_read_at_each_step():
     check_lazy_weight_decay_is_read_at_each_step(Adamax, keras.Variable)
+
+
+def test_adamax_options_set_after_a_step_match_builtin():
+    check_adamax_options_set_after_a_step_match_builtin(
+        Adamax, keras.optimizers.Adamax, keras.Variable)
 
 
 def test_lazy_weight_decay_respects_exclusion_by_name():

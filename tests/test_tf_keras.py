@@ -28,7 +28,8 @@ import tf_adamax.tf_keras
 from reference import AdamaxReference, SparseGrad
 from keras_cases import (
     BAD_PAIR_CASES, BAD_PAIR_OPTIONS, BATCH, DIM, EMB_LR, REPO_ROOT, TOKENS, VOCAB,
-    assert_matches_reference, check_bad_pairs_change_nothing,
+    assert_matches_reference, check_adamax_options_set_after_a_step_match_builtin,
+    check_bad_pairs_change_nothing,
     check_many_variables_split_match_builtin, check_no_retracing_warning,
     check_lazy_weight_decay_is_read_at_each_step,
     check_lazy_weight_decay_respects_exclusion,
@@ -549,6 +550,11 @@ def test_variable_unfrozen_after_first_fit_is_named_and_changes_nothing(weight_d
 
 def test_lazy_weight_decay_is_read_at_each_step():
     check_lazy_weight_decay_is_read_at_each_step(Adamax, tf.Variable)
+
+
+def test_adamax_options_set_after_a_step_match_builtin():
+    check_adamax_options_set_after_a_step_match_builtin(
+        Adamax, tf_keras.optimizers.Adamax, tf.Variable)
 
 
 def test_lazy_weight_decay_respects_exclusion_by_name():

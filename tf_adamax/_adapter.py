@@ -8,10 +8,20 @@ Each adapter subclasses its Keras generation's optimizer and this mixin
 
 from __future__ import annotations
 
+import typing
+
 from tf_adamax import _distribute
 from tf_adamax import _hyper
 from tf_adamax import _math
 from tf_adamax._untracked import Untracked
+
+
+class _Betas(typing.NamedTuple):
+    """The hyperparameters `_math.Hyper.of` reads besides the rate."""
+
+    beta_1: typing.Any
+    beta_2: typing.Any
+    epsilon: typing.Any
 
 
 class KernelUpdates:
@@ -30,32 +40,39 @@ class KernelUpdates:
         """`(var, m, u)` as `tf.Variable`s for a model variable."""
         raise NotImplementedError
 
-    def _apply_one(self, gradient, variable, learning_rate, step, decay):
+    def _apply_one(self, gradient, variable, learning_rate, step, decay,
+                   betas=None):
         var, m, u = self._slots_of(variable)
         hyper = _math.Hyper.of(
-            self, learning_rate, step,
+            self if betas is None else betas, learning_rate, step,
             # Keras applied it before this call, except to the named rows of
             # a lazy sparse step.
             weight_decay=(decay if self._var_key(variable) in self._lazy_decay
                           else None))
         _math.apply_gradient(var, m, u, gradient, hyper, self.sparse_mode)
 
-    def _update_all(self, grads, variables, learning_rate, step, decay):
+    def _update_all(self, grads, variables, learning_rate, step, decay,
+                    betas):
         for grad, variable in zip(grads, variables):
-            self._apply_one(grad, variable, learning_rate, step, decay)
+            self._apply_one(grad, variable, learning_rate, step, decay, betas)
 
     def _update_compiled(self, grads_and_vars, learning_rate, step):
         """Every pair in one XLA program per device (one per core for a long
         list on CPU, as in the core optimizer). The rate, step and decay are
         read here and passed in: the programs run on the variables'
-        devices, and a trace must not freeze them."""
+        devices, and a trace must not freeze them. So are `beta_1`,
+        `beta_2` and `epsilon`: as Python floats they are part of the
+        programs' trace key, so a value set after the first step is used
+        wherever Keras's own Adamax would read it (in a step traced after
+        the change, or eagerly), instead of the first trace's."""
         if self._update_all_fn is None:
             # Kept out of Keras's attribute tracking (and SavedModel).
             self._update_all_fn = Untracked(
                 fn=_distribute.CompiledParts(self._update_all))
         grads, variables = zip(*grads_and_vars)
         self._update_all_fn.fn(list(grads), list(variables), learning_rate,
-                               step, _hyper.run_time_decay(self.weight_decay))
+                               step, _hyper.run_time_decay(self.weight_decay),
+                               _Betas(self.beta_1, self.beta_2, self.epsilon))
 
     def _apply_weight_decay(self, variables):
         # Keras's hook (private, in both generations): lazy sparse steps

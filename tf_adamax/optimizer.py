@@ -262,6 +262,37 @@ class Adamax(tf.Module):
     def sparse_mode(self):
         return self._config.sparse_mode
 
+    def _set_adamax_option(self, name, value):
+        """Sets `beta_1`, `beta_2` or `epsilon`, validated; eagerly, or
+        before any tf.function applied a step (a traced step keeps the
+        value it was traced with)."""
+        config = self._config._replace(**{name: value})
+        _hyper.check_adamax(config.beta_1, config.beta_2, config.epsilon,
+                            config.sparse_mode)
+        current = getattr(self._config, name)
+        same = value is current or (
+            isinstance(value, (int, float)) and isinstance(current, (int, float))
+            and value == current)
+        if self._fns.traced and not same:
+            raise TypeError(
+                f"Cannot set {name} after a tf.function applied a step with "
+                "this optimizer: that function keeps the value it was traced "
+                f"with ({current!r}), so the new one "
+                "would be ignored there. Create a new optimizer "
+                f"(`Adamax.from_config({{**optimizer.get_config(), "
+                f"{name!r}: {value!r}}})`) and function.")
+        self._fns.config = config
+
+    beta_1 = property(lambda self: self._config.beta_1,
+                      lambda self, v: self._set_adamax_option("beta_1", v),
+                      doc="Decay of the first moment.")
+    beta_2 = property(lambda self: self._config.beta_2,
+                      lambda self, v: self._set_adamax_option("beta_2", v),
+                      doc="Decay of the infinity norm.")
+    epsilon = property(lambda self: self._config.epsilon,
+                       lambda self, v: self._set_adamax_option("epsilon", v),
+                       doc="Added to the norm for stability.")
+
     def exclude_from_weight_decay(self, var_list=None, var_names=None):
         """Excludes variables from weight decay: those in `var_list`, and
         those whose name (`tf.Variable.name`) a pattern of `var_names`
