@@ -415,6 +415,34 @@ def policy():
     tf_keras.mixed_precision.set_global_policy("float32")
 
 
+def test_h5_file_of_a_loss_scaled_adamax_loads(policy, tmp_path):
+    # tf-keras's HDF5 loader finds the optimizer inside a LossScaleOptimizer
+    # by its lower-cased class name, the built-in's "adamax", and then fails
+    # (TypeError: sparse_mode); tf_adamax.tf_keras.load_model loads it.
+    policy("mixed_float16")
+    x, y = dense_data(16)
+    model = dense_model()
+    model.compile(optimizer=Adamax(0.01, sparse_mode="lazy", beta_2=0.99),
+                  loss="mse")
+    model.fit(x, y, batch_size=8, verbose=0)
+    path = str(tmp_path / "model.h5")
+    model.save(path)
+    restored = tf_adamax.tf_keras.load_model(path)
+    opt = restored.optimizer
+    assert isinstance(opt, tf_keras.mixed_precision.LossScaleOptimizer)
+    assert type(opt.inner_optimizer) is Adamax
+    assert (opt.inner_optimizer.sparse_mode, opt.inner_optimizer.beta_2) == (
+        "lazy", 0.99)
+    assert_same_weights(model, restored, atol=0)
+    restored.fit(x, y, batch_size=8, verbose=0)  # and it trains
+    # The scope is only for such files: the built-in's loads as before.
+    other = dense_model()
+    other.compile(optimizer=tf_keras.optimizers.Adamax(0.01), loss="mse")
+    other.save(path)
+    assert type(tf_adamax.tf_keras.load_model(
+        path).optimizer.inner_optimizer) is tf_keras.optimizers.Adamax
+
+
 @pytest.mark.parametrize("name", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_trains_like_tf_keras_adamax(policy, name):
     policy(name)

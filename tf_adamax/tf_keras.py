@@ -10,6 +10,7 @@ clipping, weight decay, EMA, mixed-precision loss scaling and
 
 from __future__ import annotations
 
+import json
 import os
 
 import tensorflow as tf
@@ -310,16 +311,53 @@ def load_model(filepath, **kwargs):
     included); the state is in the SavedModel's checkpoint, keyed by object,
     and is read back here (slots are restored when they are built).
 
+    An HDF5 file whose optimizer is this Adamax inside a `LossScaleOptimizer`
+    (as `compile` wraps it under a `mixed_float16` policy) loads here, where
+    `tf_keras.models.load_model` fails: its HDF5 loader finds the wrapped
+    optimizer by class name, lower-cased, which is the built-in Adamax's
+    ("adamax"), and ignores the registered name that tells them apart.
+
     Args:
-      filepath: a `.keras` file or a SavedModel directory.
+      filepath: a `.keras` or `.h5` file, or a SavedModel directory.
       **kwargs: passed to `tf_keras.models.load_model`.
 
     Returns:
       The model, its optimizer's iterations and slots restored.
     """
+    if _wraps_this_adamax_in_hdf5(filepath):
+        with tf_keras.utils.custom_object_scope({"adamax": Adamax}):
+            return tf_keras.models.load_model(filepath, **kwargs)
     model = tf_keras.models.load_model(filepath, **kwargs)
     checkpoint = os.path.join(filepath, "variables", "variables")
     if getattr(model, "optimizer", None) is not None and tf.io.gfile.exists(
             checkpoint + ".index"):
         tf.train.Checkpoint(model).read(checkpoint).expect_partial()
     return model
+
+
+def _wraps_this_adamax_in_hdf5(filepath):
+    """Whether `filepath` is an HDF5 model whose optimizer config holds this
+    Adamax below its top level (inside a `LossScaleOptimizer`)."""
+    import h5py  # a tf-keras dependency
+
+    path = os.fspath(filepath)
+    if not (isinstance(path, str) and tf.io.gfile.exists(path)
+            and not tf.io.gfile.isdir(path) and h5py.is_hdf5(path)):
+        return False
+    with h5py.File(path, "r") as f:
+        config = f.attrs.get("training_config")
+    if config is None:
+        return False
+    if isinstance(config, bytes):
+        config = config.decode("utf-8")
+    optimizer = json.loads(config).get("optimizer_config") or {}
+    return any(_names_this_adamax(value)
+               for value in (optimizer.get("config") or {}).values())
+
+
+def _names_this_adamax(config):
+    if not isinstance(config, dict):
+        return False
+    name = tf_keras.saving.get_registered_name(Adamax)
+    return config.get("registered_name") == name or any(
+        _names_this_adamax(value) for value in config.values())
