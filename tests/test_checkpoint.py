@@ -162,6 +162,16 @@ def test_module_with_optimizer_exports_saved_model(tmp_path):
         loaded.train_step(ids, y)
     assert_allclose_according_to_type(loaded.w, module.w, "float32")
     assert_allclose_according_to_type(loaded.emb, module.emb, "float32")
+    # The loaded step keeps the saved betas and reads the rate variable: a
+    # change it would ignore raises, a float rate is assigned.
+    with pytest.raises(TypeError, match="after a tf.function"):
+        loaded.opt.beta_1 = 0.5
+    with pytest.raises(TypeError, match="after a tf.function"):
+        loaded.opt.learning_rate = lambda: 0.0
+    loaded.opt.learning_rate = 0.0
+    before = loaded.w.numpy()
+    loaded.train_step(ids, y)
+    np.testing.assert_array_equal(loaded.w.numpy(), before)
 
 
 class _HalvingSchedule(keras.optimizers.schedules.LearningRateSchedule):

@@ -698,6 +698,14 @@ class Adamax(tf.Module):
 
     @classmethod
     def _deserialize_from_proto(cls, proto=None, **kwargs):
+        optimizer = cls._revive(proto, **kwargs)
+        # The SavedModel's functions were traced with this optimizer's rate
+        # and betas: changes they would ignore raise, as after a trace.
+        optimizer._fns.traced = True
+        return optimizer
+
+    @classmethod
+    def _revive(cls, proto=None, **kwargs):
         del kwargs
         config = {}
         if proto is not None and proto.Is(wrappers_pb2.StringValue.DESCRIPTOR):
