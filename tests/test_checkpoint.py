@@ -128,6 +128,59 @@ def test_restore_with_changed_variable_order(tmp_path, variant):
                                               opt.get_slot(old, slot), "float32")
 
 
+@pytest.mark.parametrize("writer", ["keras3", "tf_keras"])
+def test_a_keras_adamax_checkpoint_restores_the_model_into_ours(tmp_path, writer):
+    # Their rate variable is float32 under the key ours used: the dtype
+    # clash failed the whole restore (InvalidArgumentError), the model's
+    # weights included. Ours is stored under a name of its own.
+    v = tf.Variable([1.0, 2.0])
+    theirs = (keras.optimizers.Adamax if writer == "keras3"
+              else tf_keras.optimizers.Adamax)(0.05)
+    theirs.apply_gradients([(tf.constant([1.0, -1.0]), v)])
+    path = tf.train.Checkpoint(v=v, opt=theirs).save(str(tmp_path / "ckpt"))
+    v2 = tf.Variable([0.0, 0.0])
+    ours = tf_adamax.Adamax(0.02)
+    tf.train.Checkpoint(v=v2, opt=ours).restore(path).expect_partial()
+    np.testing.assert_array_equal(v2.numpy(), v.numpy())
+    assert float(ours.learning_rate) == 0.02
+
+
+@pytest.mark.parametrize("saved_dtype,restored_dtype",
+                         [("float32", "float64"), ("float64", "float32"),
+                          ("float64", "float64")])
+def test_learning_rate_restores_whatever_dtype_it_was_kept_in(
+        tmp_path, monkeypatch, saved_dtype, restored_dtype):
+    # The rate variable is float32 on TPUs, float64 elsewhere; checkpoints
+    # hold it as float64, so one written on either restores on the other.
+    from tf_adamax import _distribute
+
+    rate = 0.0123456789012345
+
+    def optimizer(dtype):
+        monkeypatch.setattr(_distribute, "state_float_dtype",
+                            lambda strategy: tf.as_dtype(dtype))
+        opt = tf_adamax.Adamax(0.5)
+        assert opt._learning_rate.dtype == dtype
+        return opt
+
+    v = tf.Variable([1.0, 2.0])
+    opt = optimizer(saved_dtype)
+    opt.apply_gradients([(tf.constant([1.0, -1.0]), v)])
+    opt.learning_rate = rate  # as a callback would
+    path = tf.train.Checkpoint(v=v, opt=opt).save(str(tmp_path / "ckpt"))
+    v2 = tf.Variable([0.0, 0.0])
+    opt2 = optimizer(restored_dtype)
+    opt2.build([v2])
+    tf.train.Checkpoint(v=v2, opt=opt2).restore(path).assert_consumed()
+    expected = np.dtype(restored_dtype).type(np.dtype(saved_dtype).type(rate))
+    assert opt2.learning_rate.numpy() == expected
+    assert int(opt2.iterations.numpy()) == 1
+    np.testing.assert_array_equal(v2.numpy(), v.numpy())
+    for slot in SLOTS:
+        np.testing.assert_array_equal(opt2.get_slot(v2, slot).numpy(),
+                                      opt.get_slot(v, slot).numpy())
+
+
 class _Trainer(tf.Module):
     def __init__(self):
         super().__init__()

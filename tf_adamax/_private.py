@@ -53,3 +53,68 @@ def is_sharded(var):
 def make_sharded(shards, name):
     """A `ShardedVariable` view over existing shard variables."""
     return tf.__internal__.distribute.ShardedVariable(shards, name=name)
+
+
+def checkpoint_children(children, save_type, name, value):
+    """`children` (of `_trackable_children`) for a checkpoint: the child
+    `name` replaced by `value`, a `Float64Value` of it, under the name
+    `name + "_float64"`.
+
+    The learning-rate variable is float64, except on TPUs (float32), and a
+    checkpoint restore fails outright (nothing restored, the model's
+    variables included) when a stored dtype differs from the variable's: a
+    TPU-written optimizer read on a CPU/GPU, or a Keras optimizer's
+    checkpoint (its `_learning_rate` is float32) read into this one. Stored
+    as float64 under a name of its own, the rate restores on every device,
+    and another optimizer's rate is simply not matched.
+    `_trackable_children` and `SaveType` are TF's (private) hooks for
+    choosing what a checkpoint holds.
+    """
+    from tensorflow.python.trackable import base
+
+    if value is None:
+        return children
+    if save_type == base.SaveType.CHECKPOINT:
+        children = {k: v for k, v in children.items() if k != name}
+    # A SavedModel keeps both: the variable, which its functions capture,
+    # and the value its loader restores through the checkpoint view.
+    return {**children, name + "_float64": value}
+
+
+class Float64Value(tf.__internal__.tracking.Trackable):
+    """A float variable as a float64 value in checkpoints (one object per
+    variable: a checkpoint identifies its objects by identity)."""
+
+    def __init__(self, variable, resolve=None):
+        self.variable = variable
+        self._resolve = resolve or (lambda: variable)
+
+    def _serialize_to_tensors(self):
+        variable = self._resolve()
+        # On the host: TPUs have no float64.
+        with tf.device(_host(variable)):
+            return {"float64_value": tf.cast(
+                tf.convert_to_tensor(variable), tf.float64)}
+
+    def _export_to_saved_model_graph(self, object_map, tensor_map, options,
+                                     **kwargs):
+        # A SavedModel's saving graph reads the variable's copy there, which
+        # TF maps before it serializes.
+        del tensor_map, options, kwargs
+        object_map[self] = Float64Value(
+            self.variable, lambda: object_map[self.variable])
+        return []
+
+    def _restore_from_tensors(self, restored_tensors):
+        variable = self._resolve()
+        value = restored_tensors["float64_value"]
+        with tf.device(_host(variable)):
+            value = tf.cast(value, variable.dtype)
+        return variable.assign(value)
+
+
+def _host(variable):
+    """The CPU of the worker holding `variable` (the default device if
+    unknown)."""
+    device = tf.DeviceSpec.from_string(getattr(variable, "device", "") or "")
+    return device.replace(device_type="CPU", device_index=0).to_string()

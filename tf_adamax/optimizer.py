@@ -151,6 +151,7 @@ class Adamax(tf.Module):
             exclude_ids=set(),
             exclude_names=(),
             sharded_slots={},  # (shard keys, slot name) -> ShardedVariable
+            lr_checkpoint=None,  # see `_trackable_children`
         )
         self._iterations = _distribute.create_state(
             self._strategy, 0, "iteration", tf.int64)
@@ -387,6 +388,20 @@ class Adamax(tf.Module):
     @property
     def trainable_variables(self):
         return []
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        # The rate variable is checkpointed as a float64 value, so that it
+        # restores on every device (`_private.checkpoint_children`).
+        value = None
+        if isinstance(self._learning_rate, tf.Variable) and \
+                not self._user_lr_var():
+            value = self._fns.lr_checkpoint
+            if value is None or value.variable is not self._learning_rate:
+                value = self._fns.lr_checkpoint = _private.Float64Value(
+                    self._learning_rate)
+        return _private.checkpoint_children(
+            super()._trackable_children(save_type, **kwargs), save_type,
+            "_learning_rate", value)
 
     def build(self, var_list):
         """Creates the slots of every variable in `var_list` not yet built.
