@@ -222,7 +222,25 @@ def check_adamax_options_set_after_a_step_match_builtin(optimizer_class,
         opt.epsilon = 0.25
         new_step(opt, var)(tf.constant(grads[4]))
         results.append([np.array(var)] + [np.array(v) for v in opt.variables[1:]])
+        if cls is optimizer_class:
+            adapter = opt
     assert len(results[0]) == len(results[1])
+    for ours, theirs in zip(*results):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
+    # The compiled update took every value as an argument: one trace.
+    assert [f.experimental_get_tracing_count()
+            for f in adapter._update_all_fn.fn.fns] == [1]
+    # A variable beta: read at each step, in a traced step too.
+    results = []
+    for cls in (optimizer_class, builtin_class):
+        var = variable_class(init)
+        beta_1 = variable_class(np.float32(0.9))
+        opt = cls(learning_rate=0.1, beta_1=beta_1)
+        step = new_step(opt, var)
+        for g, b in zip(grads[:3], (0.9, 0.5, 0.7)):
+            beta_1.assign(b)
+            step(tf.constant(g))
+        results.append([np.array(var)] + [np.array(v) for v in opt.variables[1:]])
     for ours, theirs in zip(*results):
         np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
 

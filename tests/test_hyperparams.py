@@ -432,7 +432,9 @@ def test_adamax_options_can_be_set_until_a_traced_step(jit):
     assert opt.beta_2 == 0.6
 
     tf.function(lambda: opt.apply_gradients([(tf.constant(grads[0]), var)]))()
-    opt.epsilon = 0.5  # the value the function was traced with
+    # The value the function was traced with, as an equal float (not the
+    # same object, which tf.Module's setattr would skip).
+    opt.epsilon = float("0.5")
     with pytest.raises(TypeError, match="Cannot set beta_1 .* tf.function"):
         opt.beta_1 = 0.3
     assert opt.beta_1 == 0.5

@@ -61,10 +61,10 @@ class KernelUpdates:
         list on CPU, as in the core optimizer). The rate, step and decay are
         read here and passed in: the programs run on the variables'
         devices, and a trace must not freeze them. So are `beta_1`,
-        `beta_2` and `epsilon`: as Python floats they are part of the
-        programs' trace key, so a value set after the first step is used
-        wherever Keras's own Adamax would read it (in a step traced after
-        the change, or eagerly), instead of the first trace's."""
+        `beta_2` and `epsilon`, as tensors: a value set after the first
+        step is used wherever Keras's own Adamax would read it (in a step
+        traced after the change, or eagerly) instead of the first trace's,
+        without a new trace."""
         if self._update_all_fn is None:
             # Kept out of Keras's attribute tracking (and SavedModel).
             self._update_all_fn = Untracked(
@@ -72,7 +72,8 @@ class KernelUpdates:
         grads, variables = zip(*grads_and_vars)
         self._update_all_fn.fn(list(grads), list(variables), learning_rate,
                                step, _hyper.run_time_decay(self.weight_decay),
-                               _Betas(self.beta_1, self.beta_2, self.epsilon))
+                               _Betas(*[_hyper.run_time_scalar(x) for x in (
+                                   self.beta_1, self.beta_2, self.epsilon)]))
 
     def _apply_weight_decay(self, variables):
         # Keras's hook (private, in both generations): lazy sparse steps

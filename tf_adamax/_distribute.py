@@ -189,14 +189,17 @@ def replica_own(grad):
       like any other gradient.
     * TF 2.21 gathers the values of `tf.IndexedSlices` over replicas
       (MirroredStrategy, MultiWorkerMirroredStrategy) with kernels that have
-      no bfloat16 version, so a bfloat16 embedding's sparse gradient fails
-      there (TF's own optimizers too). Its values are widened to float32:
-      exact, and the dtype the sparse kernels sum them in anyway
-      (`_math.compute_dtype`), so the step is the one a single device takes.
+      no bfloat16 version, so bfloat16 sparse gradients fail there (TF's own
+      optimizers too). Their values are widened to float32: exact, and the
+      dtype the sparse kernels sum them in anyway (`_math.compute_dtype`),
+      so the step is the one a single device takes. Not on TPUs, whose sum
+      takes bfloat16 (and densifies the slices: widening would double it).
     """
     if isinstance(grad, tf.IndexedSlices):
         values = grad.values
-        values = (tf.cast(values, tf.float32) if values.dtype == tf.bfloat16
+        widen = values.dtype == tf.bfloat16 and not isinstance(
+            tf.distribute.get_strategy(), tf.distribute.TPUStrategy)
+        values = (tf.cast(values, tf.float32) if widen
                   else tf.identity(values))
         return tf.IndexedSlices(values, tf.identity(grad.indices),
                                 grad.dense_shape)

@@ -210,6 +210,17 @@ def run_time_decay(weight_decay):
         0.0 if weight_decay is None else weight_decay, tf.float32)
 
 
+def run_time_scalar(value):
+    """`value` (a float, tensor, `tf.Variable` or Keras variable) as a
+    tensor argument of a compiled update, read at each call: a new value
+    neither retraces it nor is frozen in a trace. Python numbers become
+    float64, which the kernels round once to the variable's dtype, as they
+    round a Python float."""
+    if isinstance(value, (int, float)):
+        return tf.constant(value, tf.float64)
+    return tf.convert_to_tensor(value)
+
+
 def serialize_schedule(learning_rate):
     """A JSON-able config for a Keras 3 / tf-keras schedule.
 

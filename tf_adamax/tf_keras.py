@@ -315,24 +315,41 @@ def load_model(filepath, **kwargs):
     (as `compile` wraps it under a `mixed_float16` policy) loads here, where
     `tf_keras.models.load_model` fails: its HDF5 loader finds the wrapped
     optimizer by class name, lower-cased, which is the built-in Adamax's
-    ("adamax"), and ignores the registered name that tells them apart.
+    ("adamax"), and ignores the registered name that tells them apart. As
+    with the built-in Adamax in that wrapper, tf-keras then restores the
+    model but not the optimizer's state (it logs "Error in loading the
+    saved optimizer state"); save `.keras` files to keep it.
 
     Args:
       filepath: a `.keras` or `.h5` file, or a SavedModel directory.
       **kwargs: passed to `tf_keras.models.load_model`.
 
     Returns:
-      The model, its optimizer's iterations and slots restored.
+      The model, its optimizer's iterations and slots restored (but from an
+      HDF5 file with a `LossScaleOptimizer`, see above).
     """
     if _wraps_this_adamax_in_hdf5(filepath):
         with tf_keras.utils.custom_object_scope({"adamax": Adamax}):
             return tf_keras.models.load_model(filepath, **kwargs)
     model = tf_keras.models.load_model(filepath, **kwargs)
-    checkpoint = os.path.join(filepath, "variables", "variables")
+    path = _path_of(filepath)
+    if path is None:
+        return model
+    checkpoint = os.path.join(path, "variables", "variables")
     if getattr(model, "optimizer", None) is not None and tf.io.gfile.exists(
             checkpoint + ".index"):
         tf.train.Checkpoint(model).read(checkpoint).expect_partial()
     return model
+
+
+def _path_of(filepath):
+    """`filepath` as a str path, or None for what is not a path (an open
+    `h5py.File`, which tf-keras loads as it is)."""
+    try:
+        path = os.fspath(filepath)
+    except TypeError:
+        return None
+    return path if isinstance(path, str) else None
 
 
 def _wraps_this_adamax_in_hdf5(filepath):
@@ -340,8 +357,8 @@ def _wraps_this_adamax_in_hdf5(filepath):
     Adamax below its top level (inside a `LossScaleOptimizer`)."""
     import h5py  # a tf-keras dependency
 
-    path = os.fspath(filepath)
-    if not (isinstance(path, str) and tf.io.gfile.exists(path)
+    path = _path_of(filepath)
+    if not (path is not None and tf.io.gfile.exists(path)
             and not tf.io.gfile.isdir(path) and h5py.is_hdf5(path)):
         return False
     with h5py.File(path, "r") as f:
