@@ -438,3 +438,27 @@ def test_adamax_options_can_be_set_until_a_traced_step(jit):
     with pytest.raises(TypeError, match="Cannot set beta_1 .* tf.function"):
         opt.beta_1 = 0.3
     assert opt.beta_1 == 0.5
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_variable_betas_are_read_at_each_traced_step(jit):
+    # tf.Variable and Keras 3 variable betas: read by the traced step when
+    # they change (a Keras variable failed to trace as part of the config).
+    from reference import dense_step
+
+    g = np.array([1.0, -2.0, 0.5])
+    results = []
+    for make in (tf.Variable, keras.Variable):
+        beta_1 = make(0.9, dtype="float64")
+        var = tf.Variable(np.ones(3))
+        opt = make_optimizer("jit" if jit else "eager", learning_rate=0.1,
+                             beta_1=beta_1)
+        step = tf.function(lambda: opt.apply_gradients([(tf.constant(g), var)]))
+        w, m, u = np.ones(3), np.zeros(3), np.zeros(3)
+        for t, b in enumerate((0.9, 0.5, 0.7)):
+            beta_1.assign(b)
+            step()
+            w, m, u = dense_step(w, m, u, g, 0.1, b, 0.999, 1e-7, t + 1)
+        np.testing.assert_allclose(var.numpy(), w, rtol=1e-12)
+        results.append(var.numpy())
+    np.testing.assert_array_equal(*results)

@@ -112,6 +112,10 @@ class Adamax(tf.Module):
         jit_compile=True,
         name="adamax",
     ):
+        # A Keras 3 variable is read through the tf.Variable it wraps (as a
+        # tf.function argument it cannot be traced).
+        beta_1, beta_2, epsilon = (_distribute.unwrap(x)
+                                   for x in (beta_1, beta_2, epsilon))
         _hyper.check_adamax(beta_1, beta_2, epsilon, sparse_mode)
         _hyper.check_update_options(learning_rate, weight_decay, clipnorm,
                                     clipvalue, global_clipnorm)
@@ -267,6 +271,7 @@ class Adamax(tf.Module):
         """Sets `beta_1`, `beta_2` or `epsilon`, validated; eagerly, or
         before any tf.function applied a step (a traced step keeps the
         value it was traced with)."""
+        value = _distribute.unwrap(value)
         config = self._config._replace(**{name: value})
         _hyper.check_adamax(config.beta_1, config.beta_2, config.epsilon,
                             config.sparse_mode)
