@@ -238,6 +238,35 @@ def test_sparse_shape_known_at_run_time_is_checked(values_shape, indices):
     assert_same_state(before, snapshot(opt, [emb]))
 
 
+@pytest.mark.parametrize("sparse_mode", ("exact", "lazy"))
+@pytest.mark.parametrize("mode", ("eager", "function", "jit"))
+def test_sparse_dense_shape_mismatch_names_variable(mode, sparse_mode):
+    # The densified gradient (tf.convert_to_tensor of the slices) would have
+    # ROWS + 1 rows: a gradient of another variable. It was applied.
+    opt, (a, b, emb) = _trained(mode, sparse_mode)
+    before = snapshot(opt, [a, b, emb])
+    bad = tf.IndexedSlices(tf.ones((2, 3)), tf.constant([0, 1], tf.int64),
+                           tf.constant([ROWS + 1, 3], tf.int64))
+    with pytest.raises(ValueError, match=_mentions("table_e", "dense_shape")):
+        _call(opt, mode, [(tf.ones((5, 3)), a), (bad, emb)])
+    assert_same_state(before, snapshot(opt, [a, b, emb]))
+
+
+def test_sparse_dense_shape_known_at_run_time_is_checked():
+    opt, (a, b, emb) = _trained("eager")
+    before = snapshot(opt, [emb])
+    step = tf.function(
+        lambda shape: opt.apply_gradients([(tf.IndexedSlices(
+            tf.ones((2, 3)), tf.constant([0, 1], tf.int64), shape), emb)]),
+        input_signature=[tf.TensorSpec([2], tf.int64)])
+    step(tf.constant([ROWS, 3], tf.int64))  # the right shape runs
+    before = snapshot(opt, [emb])
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="table_e.*dense_shape"):
+        step(tf.constant([ROWS + 1, 3], tf.int64))
+    assert_same_state(before, snapshot(opt, [emb]))
+
+
 def test_static_indices_and_values_length_mismatch_names_variable():
     opt, (a, b, emb) = _trained("eager")
     before = snapshot(opt, [a, b, emb])

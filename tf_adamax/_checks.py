@@ -82,6 +82,13 @@ def check_pair(grad, var):
             raise ValueError(
                 f"IndexedSlices gradient for variable {name!r} has indices "
                 f"of shape {grad.indices.shape}; expected a vector.")
+        dense_shape = _static_dense_shape(grad)
+        if dense_shape is not None and dense_shape != var.shape:
+            raise ValueError(
+                f"IndexedSlices gradient for variable {name!r} has "
+                f"dense_shape {dense_shape}, but the variable has shape "
+                f"{var.shape}: pass gradients in the same order as their "
+                "variables.")
         if not grad.indices.shape[:1].is_compatible_with(values_shape[:1]):
             raise ValueError(
                 f"IndexedSlices gradient for variable {name!r} has "
@@ -189,6 +196,12 @@ def _shape_checks(grad, var):
                 f"IndexedSlices gradient for variable "
                 f"{_distribute.name(var)!r} has "
                 "rows of the wrong shape; expected"))
+        if grad.dense_shape is not None and _static_dense_shape(grad) is None:
+            checks.append(_assert_shape(
+                tf.cast(grad.dense_shape, tf.int32), var.shape,
+                f"IndexedSlices gradient for variable "
+                f"{_distribute.name(var)!r} has the wrong dense_shape; "
+                "expected"))
         return checks
     if not tf.is_tensor(grad) or grad.shape.is_fully_defined():
         return []
@@ -197,6 +210,15 @@ def _shape_checks(grad, var):
         f"Gradient for variable {_distribute.name(var)!r} has the wrong "
         "shape (pass "
         "gradients in the same order as their variables); expected")]
+
+
+def _static_dense_shape(grad):
+    """An IndexedSlices' `dense_shape` as a TensorShape when it is known
+    while tracing, else None."""
+    if grad.dense_shape is None:
+        return None
+    value = tf.get_static_value(grad.dense_shape)
+    return None if value is None else tf.TensorShape(value.tolist())
 
 
 def _assert_shape(actual, expected, message):
