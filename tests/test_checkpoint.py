@@ -297,6 +297,9 @@ def test_saved_model_revives_the_optimizer_config(tmp_path, case):
         for g in ([1.0, -2.0, 0.0], [0.5, 0.5, 3.0], [-1.0, 0.0, 1.0]):
             opt.apply_gradients([(tf.constant(g), var)])
     np.testing.assert_array_equal(loaded.v.numpy(), module.v.numpy())
+    for a, b in zip(loaded.opt.variables, module.opt.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=b.name)
+    assert int(loaded.opt.iterations.numpy()) == int(module.opt.iterations.numpy())
     for slot in module.opt.get_slot_names():
         np.testing.assert_array_equal(
             loaded.opt.get_slot(loaded.v, slot).numpy(),

@@ -318,7 +318,7 @@ def child_replica_shape_mismatch(tf, strategy):
         unchanged = state() == before
         try:
             step(tf.constant(False))
-            good = int(opt.iterations.numpy())
+            good = int(opt._iterations.numpy())  # calls
         except Exception as e:  # noqa: BLE001
             good = f"{type(e).__name__}: {str(e)[:300]}"
         out[f"{kind}/jit={jit}" + ("/accumulation" if accumulation

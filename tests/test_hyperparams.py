@@ -133,7 +133,10 @@ def test_keyword_arguments_match_reference(name, mode, rng):
         step([tf.constant(g) for g in grads])
         ref.apply(dict(enumerate(grads)))
         check_against_reference(opt, variables, ref, [0, 1], err_msg=f"step {k}")
-        assert int(opt.iterations.numpy()) == k + 1
+        # As Keras 3 reports it: calls, or updates (calls // N) with
+        # accumulation, so that t = iterations + 1 for the next update.
+        assert int(opt.iterations.numpy()) == ref.updates, name
+        assert int(opt._iterations.numpy()) == k + 1
     if opt_kw.get("use_ema"):
         raw = to_numpy(variables[0])
         opt.finalize_variable_values(variables)
@@ -462,3 +465,23 @@ def test_variable_betas_are_read_at_each_traced_step(jit):
         np.testing.assert_allclose(var.numpy(), w, rtol=1e-12)
         results.append(var.numpy())
     np.testing.assert_array_equal(*results)
+
+
+def test_iterations_with_accumulation_count_updates_as_keras3():
+    # DESIGN: t = iterations + 1, and Keras 3's meaning of
+    # gradient_accumulation_steps: `iterations` reports updates (calls // N),
+    # an int64 variable; apply_gradients returns it.
+    var = tf.Variable([1.0, -2.0])
+    theirs_var = tf.Variable([1.0, -2.0])
+    ours = make_optimizer("jit", learning_rate=0.1, gradient_accumulation_steps=3)
+    theirs = keras.optimizers.Adamax(learning_rate=0.1,
+                                     gradient_accumulation_steps=3)
+    for call in range(7):
+        g = tf.constant([1.0 + call, -0.5 * call])
+        returned = ours.apply_gradients([(g, var)])
+        theirs.apply_gradients([(g, theirs_var)])
+        assert returned is ours.iterations
+        assert isinstance(ours.iterations, tf.Variable)
+        assert ours.iterations.dtype == tf.int64
+        assert int(ours.iterations.numpy()) == int(theirs.iterations) == (call + 1) // 3
+        np.testing.assert_allclose(var.numpy(), theirs_var.numpy(), rtol=1e-6)

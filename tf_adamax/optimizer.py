@@ -68,10 +68,10 @@ class Adamax(tf.Module):
       loss_scale_factor: gradients are divided by it (the loss is multiplied
         by it in `minimize` / `scale_loss`).
       gradient_accumulation_steps: update every N calls with the mean of the
-        N gradients. `iterations` counts calls, as Keras 3's variable
-        `_iterations` does (its `iterations` property reports
-        `_iterations // N`, the updates). Sparse gradients are accumulated
-        densely.
+        N gradients. `iterations` then counts updates (calls // N), as Keras
+        3 reports it, so that t = iterations + 1 still holds; a schedule is
+        called with the number of calls, as in Keras 3. Sparse gradients are
+        accumulated densely.
       sparse_mode: "exact" or "lazy", see above.
       jit_compile: compile the update with XLA.
       name: the module name.
@@ -157,8 +157,12 @@ class Adamax(tf.Module):
             sharded_slots={},  # (shard keys, slot name) -> ShardedVariable
             lr_checkpoint=None,  # see `_trackable_children`
         )
+        # Calls to apply_gradients (Keras 3's `_iterations`), and with
+        # accumulation the updates, calls // N: what `iterations` reports.
         self._iterations = _distribute.create_state(
             self._strategy, 0, "iteration", tf.int64)
+        self._updates = None if gradient_accumulation_steps is None else \
+            _distribute.create_state(self._strategy, 0, "updates", tf.int64)
         self._lr_source = None  # a schedule or callable, else None
         self._learning_rate = None  # the variable holding a constant rate
         self._set_lr(learning_rate)
@@ -248,8 +252,11 @@ class Adamax(tf.Module):
 
     @property
     def iterations(self):
-        """The number of `apply_gradients` calls so far (int64 variable)."""
-        return self._iterations
+        """The number of steps so far, t - 1 of the next step (an int64
+        variable): `apply_gradients` calls, or with
+        `gradient_accumulation_steps=N` the updates (calls // N), as Keras 3
+        reports them."""
+        return self._iterations if self._updates is None else self._updates
 
     @property
     def _config(self):
@@ -384,7 +391,8 @@ class Adamax(tf.Module):
     @property
     def variables(self):
         """All optimizer state: iterations, learning rate, every slot."""
-        state = [self._iterations]
+        state = [self._iterations] + (
+            [] if self._updates is None else [self._updates])
         if isinstance(self._learning_rate, tf.Variable) and not \
                 self._user_lr_var():
             state.append(self._learning_rate)
@@ -587,7 +595,12 @@ class Adamax(tf.Module):
                                                   group))
             # Also after the index checks: a failed check changes nothing.
             self._iterations.assign_add(1, read_value=False)
-        return self._iterations
+            if self._updates is not None:
+                self._updates.assign(
+                    self._iterations.read_value()
+                    // self._config.gradient_accumulation_steps,
+                    read_value=False)
+        return self.iterations
 
     def _bucketed(self, grad, var):
         """A sparse gradient padded to a size bucket for XLA
