@@ -181,6 +181,29 @@ def test_learning_rate_restores_whatever_dtype_it_was_kept_in(
                                       opt.get_slot(v, slot).numpy())
 
 
+def test_checkpoint_holds_the_current_rate_variable(tmp_path):
+    # A float set after a user's tf.Variable rate makes a new rate variable:
+    # the checkpoint must hold that one, not a copy of the first.
+    v = tf.Variable([1.0, 2.0])
+    opt = tf_adamax.Adamax(0.1)
+    opt.apply_gradients([(tf.constant([1.0, -1.0]), v)])
+    tf.train.Checkpoint(v=v, opt=opt).save(str(tmp_path / "first"))
+    opt.learning_rate = tf.Variable(0.2)
+    opt.learning_rate = 0.3
+    path = tf.train.Checkpoint(v=v, opt=opt).save(str(tmp_path / "second"))
+    restored = tf_adamax.Adamax(0.5)
+    tf.train.Checkpoint(v=tf.Variable([0.0, 0.0]), opt=restored).restore(
+        path).expect_partial()
+    assert float(restored.learning_rate) == pytest.approx(0.3)
+    # Your own rate variable is checkpointed as itself, as before.
+    mine = tf_adamax.Adamax(tf.Variable(0.25))
+    mine.apply_gradients([(tf.constant([1.0, -1.0]), v)])
+    keys = tf.train.list_variables(tf.train.Checkpoint(opt=mine).save(
+        str(tmp_path / "mine")))
+    names = [k for k, _ in keys if "learning_rate" in k]
+    assert names == ["opt/_learning_rate/.ATTRIBUTES/VARIABLE_VALUE"], names
+
+
 class _Trainer(tf.Module):
     def __init__(self):
         super().__init__()

@@ -102,12 +102,17 @@ def test_dense_shape_mismatch_names_variable(mode):
     assert_same_state(before, snapshot(opt, [a, b, emb]))
 
 
+@pytest.mark.parametrize("dense_shape", (True, False))
 @pytest.mark.parametrize("mode", ("eager", "jit"))
-def test_sparse_row_shape_mismatch_names_variable(mode):
+def test_sparse_row_shape_mismatch_names_variable(mode, dense_shape):
+    # Without a dense_shape only the rows' shape can tell.
     opt, (a, b, emb) = _trained(mode)
     before = snapshot(opt, [a, b, emb])
+    bad = _slices([1, 2], np.ones((2, 4)))
+    if not dense_shape:
+        bad = tf.IndexedSlices(bad.values, bad.indices)
     with pytest.raises(ValueError, match=_mentions("table_e", "shape")):
-        _call(opt, mode, [(tf.ones((5, 3)), a), (_slices([1, 2], np.ones((2, 4))), emb)])
+        _call(opt, mode, [(tf.ones((5, 3)), a), (bad, emb)])
     assert_same_state(before, snapshot(opt, [a, b, emb]))
 
 
@@ -184,7 +189,7 @@ def _unknown_shape_step(opt, var, user_jit):
 
 @pytest.mark.parametrize("accumulation", (None, 2))
 @pytest.mark.parametrize("opt_jit", (True, False))
-@pytest.mark.parametrize("shape", ((1, 3), (6, 3), (0, 3), (5,)))
+@pytest.mark.parametrize("shape", ((1, 3), (6, 3), (0, 3), (5,), (5, 3, 1)))
 def test_dense_shape_known_at_run_time_is_checked(opt_jit, shape,
                                                   accumulation):
     # A [1, 3] gradient must not broadcast over the [5, 3] variable. With

@@ -451,11 +451,17 @@ def test_variable_betas_are_read_at_each_traced_step(jit):
 
     g = np.array([1.0, -2.0, 0.5])
     results = []
-    for make in (tf.Variable, keras.Variable):
+    for make, set_later in ((tf.Variable, False), (keras.Variable, False),
+                            (keras.Variable, True)):
         beta_1 = make(0.9, dtype="float64")
         var = tf.Variable(np.ones(3))
-        opt = make_optimizer("jit" if jit else "eager", learning_rate=0.1,
-                             beta_1=beta_1)
+        if set_later:  # through the attribute, before any step
+            opt = make_optimizer("jit" if jit else "eager", learning_rate=0.1)
+            opt.beta_1 = beta_1
+        else:
+            opt = make_optimizer("jit" if jit else "eager", learning_rate=0.1,
+                                 beta_1=beta_1)
+        assert isinstance(opt.beta_1, tf.Variable)
         step = tf.function(lambda: opt.apply_gradients([(tf.constant(g), var)]))
         w, m, u = np.ones(3), np.zeros(3), np.zeros(3)
         for t, b in enumerate((0.9, 0.5, 0.7)):
@@ -464,7 +470,8 @@ def test_variable_betas_are_read_at_each_traced_step(jit):
             w, m, u = dense_step(w, m, u, g, 0.1, b, 0.999, 1e-7, t + 1)
         np.testing.assert_allclose(var.numpy(), w, rtol=1e-12)
         results.append(var.numpy())
-    np.testing.assert_array_equal(*results)
+    for other in results[1:]:
+        np.testing.assert_array_equal(other, results[0])
 
 
 def test_iterations_with_accumulation_count_updates_as_keras3():

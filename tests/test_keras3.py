@@ -24,7 +24,7 @@ from reference import AdamaxReference, SparseGrad
 from keras_cases import (
     BAD_PAIR_CASES, BAD_PAIR_OPTIONS, BATCH, DIM, EMB_LR, REPO_ROOT, TOKENS, VOCAB,
     assert_matches_reference, check_adamax_options_set_after_a_step_match_builtin,
-    check_bad_pairs_change_nothing,
+    check_bad_pairs_change_nothing, check_float64_variables_are_exact,
     check_many_variables_split_match_builtin, check_no_retracing_warning,
     check_lazy_weight_decay_is_read_at_each_step,
     check_lazy_weight_decay_respects_exclusion,
@@ -764,3 +764,7 @@ def test_lazy_weight_decay_respects_exclusion_by_name():
         return weight
 
     check_lazy_weight_decay_respects_exclusion(Adamax, in_layer)
+
+
+def test_float64_variables_are_exact():
+    check_float64_variables_are_exact(Adamax, keras.Variable)
