@@ -181,6 +181,25 @@ def test_learning_rate_restores_whatever_dtype_it_was_kept_in(
                                       opt.get_slot(v, slot).numpy())
 
 
+def test_async_checkpoint_holds_the_rate_of_the_save_call(tmp_path):
+    # An async save copies the state when `save` is called; the rate (a
+    # float64 value of its own in checkpoints) was read when written, later.
+    v = tf.Variable([1.0, 2.0])
+    opt = tf_adamax.Adamax(0.1)
+    opt.apply_gradients([(tf.constant([1.0, -1.0]), v)])
+    ckpt = tf.train.Checkpoint(v=v, opt=opt)
+    options = tf.train.CheckpointOptions(experimental_enable_async_checkpoint=True)
+    for k in range(3):
+        opt.learning_rate = 0.1 * (k + 1)
+        path = ckpt.save(str(tmp_path / f"ckpt{k}"), options=options)
+        opt.learning_rate = 0.9  # right after save() returns
+        ckpt.sync()
+        restored = tf_adamax.Adamax(0.5)
+        tf.train.Checkpoint(v=tf.Variable([0.0, 0.0]), opt=restored).restore(
+            path).expect_partial()
+        assert float(restored.learning_rate) == pytest.approx(0.1 * (k + 1))
+
+
 def test_checkpoint_holds_the_current_rate_variable(tmp_path):
     # A float set after a user's tf.Variable rate makes a new rate variable:
     # the checkpoint must hold that one, not a copy of the first.

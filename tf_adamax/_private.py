@@ -105,6 +105,19 @@ class Float64Value(tf.__internal__.tracking.Trackable):
             self.variable, lambda: object_map[self.variable])
         return []
 
+    def _copy_trackable_to_cpu(self, object_map):
+        # Async checkpoints copy every object to the host when `save` is
+        # called and write the copies later: without this the rate would be
+        # read at writing time, possibly changed since.
+        copy = object_map.get(self)
+        if copy is None:
+            with tf.device(_host(self.variable)):
+                holder = tf.Variable(tf.zeros([], tf.float64), trainable=False)
+            copy = object_map[self] = Float64Value(holder)
+        with tf.device(copy.variable.device):
+            copy.variable.assign(tf.cast(
+                tf.convert_to_tensor(self.variable), tf.float64))
+
     def _restore_from_tensors(self, restored_tensors):
         variable = self._resolve()
         value = restored_tensors["float64_value"]
