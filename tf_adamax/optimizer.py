@@ -51,8 +51,8 @@ class Adamax(tf.Module):
 
     Args:
       learning_rate: float, scalar tensor/variable, a Keras 3 or tf-keras
-        `LearningRateSchedule` (called with `iterations`), or a zero-argument
-        callable returning the rate.
+        `LearningRateSchedule` (called with the number of calls), or a
+        zero-argument callable returning the rate.
       beta_1: decay of the first moment, in [0, 1).
       beta_2: decay of the infinity norm, in [0, 1).
       epsilon: added to the norm for stability, >= 0.
