@@ -198,7 +198,6 @@ def apply_step(config: StepConfig, states, grads, decays, iteration,
     step = updates + 1
 
     if n:
-
         def update_with_mean():
             mean = [
                 (tf.cast(_to_dense(g, s.var), s.accumulator.dtype)

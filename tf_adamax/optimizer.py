@@ -226,12 +226,10 @@ class Adamax(tf.Module):
             was = "a float"
             fix = ("To change it during training, set another float: it is "
                    "assigned to the rate variable the traced step reads.")
-        raise TypeError(
-            f"Cannot set learning_rate to {_kind(learning_rate)} after a "
-            "tf.function applied a step with this optimizer: that function "
-            f"keeps reading the current rate ({was}), so the new "
-            f"one would be ignored there. {fix} Or create a new optimizer "
-            "(and function).")
+        raise _ignored_after_trace(
+            f"learning_rate to {_kind(learning_rate)}",
+            f"reading the current rate ({was})",
+            f"{fix} Or create a new optimizer (and function).")
 
     @property
     def learning_rate(self):
@@ -287,13 +285,10 @@ class Adamax(tf.Module):
             isinstance(value, (int, float)) and isinstance(current, (int, float))
             and value == current)
         if self._fns.traced and not same:
-            raise TypeError(
-                f"Cannot set {name} after a tf.function applied a step with "
-                "this optimizer: that function keeps the value it was traced "
-                f"with ({current!r}), so the new one "
-                "would be ignored there. Create a new optimizer "
-                f"(`Adamax.from_config({{**optimizer.get_config(), "
-                f"{name!r}: {value!r}}})`) and function.")
+            raise _ignored_after_trace(
+                name, f"the value it was traced with ({current!r})",
+                "Create a new optimizer (`Adamax.from_config({**optimizer."
+                f"get_config(), {name!r}: {value!r}}})`) and function.")
         self._fns.config = config
 
     beta_1 = property(lambda self: self._config.beta_1,
@@ -796,6 +791,14 @@ def _component_state(strategy, state, group):
         None if s is None else _distribute.component(strategy, s, group)
         for s in state
     ])
+
+
+def _ignored_after_trace(setting, kept, fix):
+    """The error for a change a traced step would silently ignore."""
+    return TypeError(
+        f"Cannot set {setting} after a tf.function applied a step with this "
+        f"optimizer: that function keeps {kept}, so the new one would be "
+        f"ignored there. {fix}")
 
 
 def _kind(learning_rate):

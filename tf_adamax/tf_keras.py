@@ -368,13 +368,14 @@ def _wraps_this_adamax_in_hdf5(filepath):
     if isinstance(config, bytes):
         config = config.decode("utf-8")
     optimizer = json.loads(config).get("optimizer_config") or {}
-    return any(_names_this_adamax(value)
+    name = tf_keras.saving.get_registered_name(Adamax)
+    return any(_names(value, name)
                for value in (optimizer.get("config") or {}).values())
 
 
-def _names_this_adamax(config):
+def _names(config, registered_name):
+    """Whether a (nested) config holds an object of `registered_name`."""
     if not isinstance(config, dict):
         return False
-    name = tf_keras.saving.get_registered_name(Adamax)
-    return config.get("registered_name") == name or any(
-        _names_this_adamax(value) for value in config.values())
+    return config.get("registered_name") == registered_name or any(
+        _names(value, registered_name) for value in config.values())
