@@ -60,6 +60,67 @@ def test_invalid_scalar_tensor_hyperparameter_raises(kwargs, word):
         tf_adamax.Adamax(**kwargs)
 
 
+def _front(name):
+    import tf_adamax.keras
+    import tf_adamax.tf_keras
+    return {"core": tf_adamax.Adamax, "keras3": tf_adamax.keras.Adamax,
+            "tf_keras": tf_adamax.tf_keras.Adamax}[name]
+
+
+KERAS_OPTIONS = [
+    (dict(loss_scale_factor=0.0), ("loss_scale_factor", "0.0")),
+    (dict(loss_scale_factor=-2.0), ("loss_scale_factor", "-2.0")),
+    (dict(gradient_accumulation_steps=2.5), ("gradient_accumulation_steps", "2.5")),
+    (dict(gradient_accumulation_steps=1), ("gradient_accumulation_steps", "1")),
+    (dict(ema_momentum=1.5), ("ema_momentum", "1.5")),
+    (dict(use_ema=True, ema_overwrite_frequency=-1),
+     ("ema_overwrite_frequency", "-1")),
+]
+
+
+# tf-keras has no loss_scale_factor or gradient accumulation.
+_KERAS_OPTION_CASES = [
+    (front, kwargs, words) for kwargs, words in KERAS_OPTIONS
+    for front in ("core", "keras3", "tf_keras")
+    if front != "tf_keras" or "ema_momentum" in words[0]
+    or "ema_overwrite" in words[0]]
+
+
+@pytest.mark.parametrize("front,kwargs,words", _KERAS_OPTION_CASES,
+                         ids=[f"{f}-{k!r}" for f, k, _ in _KERAS_OPTION_CASES])
+def test_keras_options_are_checked_by_every_front_end(front, kwargs, words):
+    # Keras 3 lets a zero loss scale (NaN weights) or 2.5 accumulation steps
+    # (an error naming nothing at the first step) through; none of ours do.
+    with pytest.raises(ValueError, match=_mentions(*words)):
+        _front(front)(**kwargs)
+
+
+@pytest.mark.parametrize("front", ("keras3", "tf_keras"))
+def test_adapters_read_an_ema_overwrite_frequency_of_zero_as_off(front):
+    # As Keras reads it (configs Keras saved may hold 0); the core refuses 0.
+    opt = _front(front)(use_ema=True, ema_overwrite_frequency=0)
+    assert opt.ema_overwrite_frequency is None
+    with pytest.raises(ValueError, match="ema_overwrite_frequency"):
+        tf_adamax.Adamax(use_ema=True, ema_overwrite_frequency=0)
+
+
+@pytest.mark.parametrize("front", ("core", "keras3", "tf_keras"))
+def test_zero_epsilon_is_accepted_with_a_warning(front):
+    with pytest.warns(UserWarning, match="epsilon=0.*NaN"):
+        opt = _front(front)(epsilon=0.0)
+    assert opt.epsilon == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _front(front)(epsilon=1e-7)  # no warning otherwise
+
+
+def test_a_value_instead_of_a_variable_names_the_fix():
+    var = tf.Variable([1.0, 2.0], name="w")
+    with pytest.raises(TypeError, match=_mentions(
+            "Expected a tf.Variable", "EagerTensor", "model.trainable_variables")):
+        tf_adamax.Adamax().apply_gradients([(tf.ones([2]), var.value())])
+
+
 # --------------------------------------------------------------------------
 # apply_gradients validation: a trained optimizer must be left untouched.
 # --------------------------------------------------------------------------
@@ -292,9 +353,13 @@ def test_out_of_range_indices_raise_and_change_nothing(mode, bad, sparse_mode):
     opt, (a, b, emb) = _trained(mode, sparse_mode)
     before = snapshot(opt, [a, b, emb])
     bad_grad = _slices([1, bad, 3], np.ones((3, 3)))
-    with pytest.raises(tf.errors.InvalidArgumentError, match=OUT_OF_RANGE):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=OUT_OF_RANGE) as err:
         _call(opt, mode, [(tf.ones((5, 3)), a), (tf.ones((4,)), b), (bad_grad, emb)])
     assert_same_state(before, snapshot(opt, [a, b, emb]))
+    # The message names the variable and the fix; eagerly also the bad index.
+    assert re.search(_mentions("table_e", "pass row indices"), str(err.value))
+    if mode == "eager":
+        assert f"rows = {ROWS}; out of range: [{bad}]" in str(err.value)
 
 
 def _expect_dropped(opt, emb, emb_before, slots_before, indices, values, bad,

@@ -179,15 +179,19 @@ def test_half_precision_gradients_are_clipped_by_a_float32_norm(dtype, mode,
     assert np.all(np.isfinite(var.numpy().astype(np.float32)))
 
 
-@pytest.mark.parametrize("front", ("core", "keras3"))
+@pytest.mark.parametrize("front", ("core", "keras3", "tf_keras"))
 @pytest.mark.parametrize("clips", [dict(clipnorm=1.0, clipvalue=0.5),
                                    dict(clipvalue=0.5, global_clipnorm=1.0)],
                          ids=["clipnorm+clipvalue", "clipvalue+global_clipnorm"])
 def test_only_one_clip_option_as_in_keras3(front, clips):
-    # The step clips one way only: a second option would be ignored silently.
+    # The step clips one way only: a second option would be ignored silently
+    # (tf-keras's own optimizers accept clipnorm with clipvalue and ignore
+    # clipvalue).
     import tf_adamax.keras
+    import tf_adamax.tf_keras
 
-    cls = {"core": tf_adamax.Adamax, "keras3": tf_adamax.keras.Adamax}[front]
+    cls = {"core": tf_adamax.Adamax, "keras3": tf_adamax.keras.Adamax,
+           "tf_keras": tf_adamax.tf_keras.Adamax}[front]
     with pytest.raises(ValueError, match="Only one of clipnorm, clipvalue"):
         cls(**clips)
     with pytest.raises(ValueError):  # and Keras 3's own optimizer agrees
@@ -205,8 +209,11 @@ def test_finalize_without_ema_is_a_no_op(rng):
 
 
 def test_boundary_hyperparameters_are_accepted():
-    # lr = 0, beta = 0, epsilon = 0 are all inside the documented domains.
-    make_optimizer("eager", learning_rate=0.0, beta_1=0.0, beta_2=0.0, epsilon=0.0)
+    # lr = 0, beta = 0, epsilon = 0 are all inside the documented domains
+    # (epsilon = 0 with a warning: an all-zero gradient entry gives 0 / 0).
+    with pytest.warns(UserWarning, match="epsilon=0"):
+        make_optimizer("eager", learning_rate=0.0, beta_1=0.0, beta_2=0.0,
+                       epsilon=0.0)
 
 
 def _traced_step(opt, var):

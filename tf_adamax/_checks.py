@@ -26,7 +26,8 @@ def check_variable(var):
     if not hasattr(var, "dtype") or not hasattr(var, "assign"):
         raise TypeError(
             f"Expected a tf.Variable to update, got {type(var).__name__}: "
-            f"{var!r}.")
+            f"{var!r}. Pass the variables themselves (e.g. "
+            "model.trainable_variables), not their values.")
     check_float(var)
     if not var.shape.is_fully_defined():
         raise ValueError(
@@ -126,12 +127,20 @@ def run_time_checks(grads_and_vars):
         if not isinstance(g, tf.IndexedSlices):
             continue
         rows = tf.cast(_math.num_rows(_distribute.unwrap(v)), g.indices.dtype)
-        ok = tf.reduce_all((g.indices >= 0) & (g.indices < rows))
-        checks.append(tf.debugging.Assert(ok, [
+        ok = (g.indices >= 0) & (g.indices < rows)
+        message = (
             f"IndexedSlices gradient for variable {_distribute.name(v)!r} "
-            "has indices "
-            "out of range [0, rows):", rows, "indices:", g.indices],
-            summarize=20))
+            "has indices out of range [0, rows): pass row indices of that "
+            "variable (e.g. ids below an embedding's input_dim).")
+        if tf.executing_eagerly():
+            if not bool(tf.reduce_all(ok)):
+                bad = tf.boolean_mask(g.indices, ~ok)[:20].numpy().tolist()
+                raise tf.errors.InvalidArgumentError(
+                    None, None,
+                    f"{message} rows = {int(rows)}; out of range: {bad}")
+            continue
+        checks.append(tf.debugging.Assert(tf.reduce_all(ok), [
+            message, "rows =", rows, "indices:", g.indices], summarize=20))
     return checks
 
 

@@ -11,6 +11,7 @@ import difflib
 import importlib
 import math
 import numbers
+import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -69,14 +70,9 @@ def check_scalar(name, value, low=None, high=None, low_open=False,
         f"{'(' if low_open else '['}{low if low is not None else '-inf'}, "
         f"{high if high is not None else 'inf'}{')' if high_open else ']'}"
     )
-    if low is not None and (v < low or (low_open and v == low)):
-        raise ValueError(
-            f"Invalid {name}: {v}. It must lie in {interval}."
-        )
-    if high is not None and (v > high or (high_open and v == high)):
-        raise ValueError(
-            f"Invalid {name}: {v}. It must lie in {interval}."
-        )
+    if (low is not None and (v < low or (low_open and v == low))) or (
+            high is not None and (v > high or (high_open and v == high))):
+        raise ValueError(f"Invalid {name}: {v}. It must lie in {interval}.")
     return value
 
 
@@ -119,19 +115,49 @@ def check_adamax(beta_1, beta_2, epsilon, sparse_mode):
     check_scalar("beta_1", beta_1, low=0.0, high=1.0)
     check_scalar("beta_2", beta_2, low=0.0, high=1.0)
     check_scalar("epsilon", epsilon, low=0.0, high=None, high_open=False)
+    if _constant_value(epsilon) == 0:
+        # Allowed, as in Keras (with nonzero gradients it is the textbook
+        # update), but an all-zero gradient entry gives 0 / 0.
+        warnings.warn(
+            "epsilon=0: a weight whose gradients have all been zero so far "
+            "(a row an exact sparse step does not name, a dead unit) gets "
+            "0 / 0 = NaN. Use a small positive epsilon such as 1e-7 unless "
+            "every gradient entry is nonzero.", UserWarning, stacklevel=3)
+
+
+def check_keras_options(ema_momentum, ema_overwrite_frequency,
+                        loss_scale_factor=None,
+                        gradient_accumulation_steps=None,
+                        zero_is_off=False):
+    """The checks of the Keras 3 keyword options every front end shares
+    (Keras itself lets a zero loss scale or a fractional step count through
+    to the first step). Returns `(ema_overwrite_frequency,
+    gradient_accumulation_steps)` as ints or None.
+
+    `zero_is_off`: the Keras adapters read an `ema_overwrite_frequency` of 0
+    as "never", as Keras does (configs saved by Keras may hold it).
+    """
+    check_scalar("ema_momentum", ema_momentum, low=0.0, high=1.0,
+                 high_open=False)
+    check_scalar("loss_scale_factor", loss_scale_factor, low=0.0,
+                 low_open=True, high=None, allow_none=True)
+    if zero_is_off and isinstance(ema_overwrite_frequency, numbers.Integral) \
+            and not isinstance(ema_overwrite_frequency, bool) \
+            and ema_overwrite_frequency == 0:
+        ema_overwrite_frequency = None
+    return (check_positive_int("ema_overwrite_frequency",
+                               ema_overwrite_frequency, 1),
+            check_positive_int("gradient_accumulation_steps",
+                               gradient_accumulation_steps, 2))
 
 
 def check_update_options(learning_rate, weight_decay, clipnorm, clipvalue,
-                         global_clipnorm, zero_clip_is_off=False,
-                         one_clip=True):
+                         global_clipnorm, zero_clip_is_off=False):
     """The Keras 3 keyword checks every front end shares (the Keras base
     classes themselves accept a negative or NaN rate, decay or clip).
 
     `zero_clip_is_off`: the Keras adapters accept a clip value of 0, which
     Keras reads as "no clipping" (configs saved by Keras may hold it).
-    `one_clip`: at most one of the three clip options, as Keras 3 requires
-    (tf-keras applies `clipvalue` after a norm clip; only `clipnorm` with
-    `global_clipnorm` is refused there).
     """
     check_learning_rate(learning_rate)
     check_scalar("weight_decay", weight_decay, low=0.0, high=None,
@@ -140,7 +166,7 @@ def check_update_options(learning_rate, weight_decay, clipnorm, clipvalue,
         clipnorm, clipvalue, global_clipnorm = (
             None if (isinstance(x, numbers.Number) and x == 0) else x
             for x in (clipnorm, clipvalue, global_clipnorm))
-    check_clipping(clipnorm, clipvalue, global_clipnorm, one_clip)
+    check_clipping(clipnorm, clipvalue, global_clipnorm)
 
 
 def check_positive_int(name, value, minimum):
@@ -155,10 +181,10 @@ def check_positive_int(name, value, minimum):
     return int(value)
 
 
-def check_clipping(clipnorm, clipvalue, global_clipnorm, one_clip=True):
-    """Each clip option positive; clipnorm and global_clipnorm never both,
-    and with `one_clip` (Keras 3's rule) no two options at all: the step
-    would silently use only one of them."""
+def check_clipping(clipnorm, clipvalue, global_clipnorm):
+    """Each clip option positive, and at most one of them, as Keras 3
+    requires (tf-keras refuses only `clipnorm` with `global_clipnorm`, and
+    with a norm clip silently ignores `clipvalue`)."""
     if clipnorm is not None and global_clipnorm is not None:
         raise ValueError(
             f"clipnorm ({clipnorm}) and global_clipnorm ({global_clipnorm}) "
@@ -171,10 +197,11 @@ def check_clipping(clipnorm, clipvalue, global_clipnorm, one_clip=True):
                      allow_none=True)
     given = [f"{name}={value}" for name, value in clips.items()
              if value is not None]
-    if one_clip and len(given) > 1:
+    if len(given) > 1:
         raise ValueError(
             f"Only one of clipnorm, clipvalue and global_clipnorm can be set "
-            f"(as in Keras 3); got {', '.join(given)}.")
+            f"(as in Keras 3; tf-keras would silently apply only the norm "
+            f"clip); got {', '.join(given)}. Keep the one you mean.")
 
 
 def lazy_decay_keys(sparse_mode, accumulating, grads, variables, key,

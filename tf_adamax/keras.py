@@ -99,7 +99,8 @@ class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
         or a zero-argument callable returning the learning rate.
       beta_1: Decay rate of the first moment `m`, in [0, 1).
       beta_2: Decay rate of the infinity norm `u`, in [0, 1).
-      epsilon: Small constant added to `u` for numerical stability, >= 0.
+      epsilon: Small constant added to `u` for numerical stability, >= 0
+        (0 warns: a weight whose gradients were all zero gets 0 / 0 = NaN).
       weight_decay: If set, decoupled weight decay `w -= w * weight_decay * lr`
         before the step (see `exclude_from_weight_decay`).
       clipnorm: If set, each gradient is clipped to this L2 norm.
@@ -161,6 +162,10 @@ class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
         _hyper.check_update_options(learning_rate, weight_decay, clipnorm,
                                     clipvalue, global_clipnorm,
                                     zero_clip_is_off=True)
+        ema_overwrite_frequency, gradient_accumulation_steps = (
+            _hyper.check_keras_options(
+                ema_momentum, ema_overwrite_frequency, loss_scale_factor,
+                gradient_accumulation_steps, zero_is_off=True))
         super().__init__(
             learning_rate=learning_rate,
             weight_decay=weight_decay,

@@ -55,7 +55,8 @@ class Adamax(tf.Module):
         zero-argument callable returning the rate.
       beta_1: decay of the first moment, in [0, 1).
       beta_2: decay of the infinity norm, in [0, 1).
-      epsilon: added to the norm for stability, >= 0.
+      epsilon: added to the norm for stability, >= 0 (0 warns: a weight
+        whose gradients were all zero would become 0 / 0 = NaN).
       weight_decay: decoupled weight decay `w -= w * weight_decay * lr`
         before the step (lazy mode: on the named rows only).
       clipnorm: clip each gradient to this L2 norm.
@@ -119,14 +120,10 @@ class Adamax(tf.Module):
         _hyper.check_adamax(beta_1, beta_2, epsilon, sparse_mode)
         _hyper.check_update_options(learning_rate, weight_decay, clipnorm,
                                     clipvalue, global_clipnorm)
-        _hyper.check_scalar("ema_momentum", ema_momentum, low=0.0, high=1.0,
-                            high_open=False)
-        _hyper.check_scalar("loss_scale_factor", loss_scale_factor, low=0.0,
-                            low_open=True, high=None, allow_none=True)
-        ema_overwrite_frequency = _hyper.check_positive_int(
-            "ema_overwrite_frequency", ema_overwrite_frequency, 1)
-        gradient_accumulation_steps = _hyper.check_positive_int(
-            "gradient_accumulation_steps", gradient_accumulation_steps, 2)
+        ema_overwrite_frequency, gradient_accumulation_steps = (
+            _hyper.check_keras_options(
+                ema_momentum, ema_overwrite_frequency, loss_scale_factor,
+                gradient_accumulation_steps))
         if not isinstance(jit_compile, bool):
             raise ValueError(
                 f"Invalid jit_compile: {jit_compile!r}. Pass True or False.")
