@@ -72,10 +72,34 @@ def test_resume_is_bit_for_bit(resume_setup, variant):
         status = ckpt.restore(resume_setup["path"])
         assert int(opt.iterations.numpy()) == 5
         if variant == "restore_then_build":
-            opt.build(variables)  # deferred slot restoration happens here
+            opt.build(variables)  # the slots were made by the restore
             status.assert_consumed()
     if variant != "restore_then_apply":
         assert_same_state(resume_setup["half"], snapshot(opt, variables))
+    _train(opt, variables, resume_setup["grads"][5:])
+    assert_same_state(resume_setup["full"], snapshot(opt, variables))
+
+
+def test_slots_restored_before_build_are_there_and_saved_again(resume_setup,
+                                                               tmp_path):
+    # Restored before any build or step, the slots are made at once (as TF's
+    # own optimizers make theirs): they were parked until `build`, so
+    # get_slot failed and a checkpoint written before the first step held
+    # no slots (iterations came back, the moments as zeros).
+    def fresh():
+        variables = [tf.Variable(tf.zeros(DENSE_SHAPE), name="w"),
+                     tf.Variable(tf.zeros((ROWS,) + ROW_SHAPE), name="emb")]
+        opt = tf_adamax.Adamax(learning_rate=LR)
+        return opt, variables, tf.train.Checkpoint(
+            opt=opt, w=variables[0], emb=variables[1])
+
+    opt, variables, ckpt = fresh()
+    ckpt.restore(resume_setup["path"]).assert_consumed()
+    assert_same_state(resume_setup["half"], snapshot(opt, variables))
+    path = ckpt.write(str(tmp_path / "again"))
+    opt, variables, ckpt = fresh()
+    ckpt.restore(path).assert_consumed()
+    assert_same_state(resume_setup["half"], snapshot(opt, variables))
     _train(opt, variables, resume_setup["grads"][5:])
     assert_same_state(resume_setup["full"], snapshot(opt, variables))
 

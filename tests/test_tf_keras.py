@@ -427,6 +427,11 @@ def test_h5_file_of_a_loss_scaled_adamax_loads(policy, tmp_path):
     model.fit(x, y, batch_size=8, verbose=0)
     path = str(tmp_path / "model.h5")
     model.save(path)
+    import h5py
+
+    with h5py.File(path, "r") as f:  # an open file too, as tf-keras takes it
+        assert type(tf_adamax.tf_keras.load_model(
+            f).optimizer.inner_optimizer) is Adamax
     restored = tf_adamax.tf_keras.load_model(path)
     opt = restored.optimizer
     assert isinstance(opt, tf_keras.mixed_precision.LossScaleOptimizer)
@@ -441,9 +446,7 @@ def test_h5_file_of_a_loss_scaled_adamax_loads(policy, tmp_path):
     other.save(path)
     assert type(tf_adamax.tf_keras.load_model(
         path).optimizer.inner_optimizer) is tf_keras.optimizers.Adamax
-    import h5py
-
-    with h5py.File(path, "r") as f:  # as tf-keras's load_model takes it
+    with h5py.File(path, "r") as f:
         assert type(tf_adamax.tf_keras.load_model(
             f).optimizer.inner_optimizer) is tf_keras.optimizers.Adamax
 

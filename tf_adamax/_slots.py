@@ -1,4 +1,5 @@
-"""Per-variable optimizer state, keyed by variable, with deferred restore.
+"""Per-variable optimizer state, keyed by variable (restores into a slot
+that cannot be made yet are deferred until it is).
 
 The slot table is deliberately not a tracked attribute: slots are saved
 through TF's slot-variable protocol (`get_slot_names` / `get_slot` /

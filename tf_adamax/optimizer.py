@@ -364,8 +364,12 @@ class Adamax(tf.Module):
                                          slot_variable_shape=None):
         """Checkpoint protocol: the slot to restore into, or None (deferred).
 
-        A slot that does not exist yet is restored when `build` creates it,
-        so restoring before the first step works.
+        A slot that does not exist yet is made now (`build`), as TF's own
+        optimizers make theirs: left pending until the first step, it would
+        be missing from `get_slot`, `variables` and any checkpoint or
+        SavedModel written before that step. Where it cannot be made now
+        (inside a tf.function, or for a variable `build` refuses), it is
+        restored when `build` creates it.
         """
         del slot_variable_shape  # slots always have their variable's shape
         if _private.is_sharded(variable):
@@ -375,6 +379,12 @@ class Adamax(tf.Module):
             # be matched to the per-shard slots, so the slots are made now.
             self.build(variable.variables)
             return self.get_slot(variable, slot_name)
+        if self._slots.get(variable, slot_name) is None and \
+                not tf.inside_function():
+            try:
+                self.build([variable])
+            except (TypeError, ValueError):
+                pass  # `build` at the first step raises it in context
         slot = self._slots.get(variable, slot_name)
         if slot is None:
             self._slots.defer(variable, slot_name, slot_variable_position)

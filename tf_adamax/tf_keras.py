@@ -324,7 +324,8 @@ def load_model(filepath, **kwargs):
     saved optimizer state"); save `.keras` files to keep it.
 
     Args:
-      filepath: a `.keras` or `.h5` file, or a SavedModel directory.
+      filepath: a `.keras` or `.h5` file (a path or an open `h5py.File`),
+        or a SavedModel directory.
       **kwargs: passed to `tf_keras.models.load_model`.
 
     Returns:
@@ -360,12 +361,15 @@ def _wraps_this_adamax_in_hdf5(filepath):
     Adamax below its top level (inside a `LossScaleOptimizer`)."""
     import h5py  # a tf-keras dependency
 
-    path = _path_of(filepath)
-    if not (path is not None and tf.io.gfile.exists(path)
-            and not tf.io.gfile.isdir(path) and h5py.is_hdf5(path)):
-        return False
-    with h5py.File(path, "r") as f:
-        config = f.attrs.get("training_config")
+    if isinstance(filepath, h5py.File):  # tf-keras loads an open file too
+        config = filepath.attrs.get("training_config")
+    else:
+        path = _path_of(filepath)
+        if not (path is not None and tf.io.gfile.exists(path)
+                and not tf.io.gfile.isdir(path) and h5py.is_hdf5(path)):
+            return False
+        with h5py.File(path, "r") as f:
+            config = f.attrs.get("training_config")
     if config is None:
         return False
     if isinstance(config, bytes):
