@@ -134,7 +134,11 @@ def stop(proc):
 def launch(args):
     ports = free_ports(NUM_WORKERS)
     cluster = {"worker": [f"{HOST}:{p}" for p in ports]}
-    out = tempfile.mkdtemp(prefix="tf_adamax_multi_worker_")
+    with tempfile.TemporaryDirectory(prefix="tf_adamax_multi_worker_") as out:
+        return _run_workers(args, cluster, out)
+
+
+def _run_workers(args, cluster, out):
     procs = []
     try:
         for i in range(NUM_WORKERS):

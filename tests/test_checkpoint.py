@@ -356,8 +356,13 @@ def test_saved_model_revives_the_optimizer_config(tmp_path, case):
     assert loaded.opt._saved_config() == module.opt._saved_config()
     assert loaded.opt.get_slot_names() == module.opt.get_slot_names()
     if case == "custom_schedule":
-        # The rate stays at its value when saved (with the warning).
+        # The rate stays at its value when saved (with the warning), and the
+        # warning's advice holds: the loaded rate cannot be changed (the
+        # SavedModel's functions would ignore it).
         assert float(loaded.opt.learning_rate) == pytest.approx(0.1)
+        assert "restore a checkpoint" in str(lost[0].message)
+        with pytest.raises(TypeError, match="learning_rate"):
+            loaded.opt.learning_rate = 0.05
         return
     for opt, var in ((module.opt, module.v), (loaded.opt, loaded.v)):
         for g in ([1.0, -2.0, 0.0], [0.5, 0.5, 3.0], [-1.0, 0.0, 1.0]):

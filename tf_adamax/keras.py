@@ -122,8 +122,12 @@ class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
         names raise, as in Keras.
 
     Raises:
-      ValueError: For an unknown `sparse_mode` or an out-of-range
-        `beta_1`, `beta_2` or `epsilon` (and for whatever Keras 3 rejects).
+      ValueError: For an unknown `sparse_mode`; an out-of-range `beta_1`,
+        `beta_2`, `epsilon`, `ema_momentum` or `ema_overwrite_frequency`; a
+        negative or non-finite learning rate, weight decay or clip value, or
+        more than one clip option; a `loss_scale_factor` <= 0; a
+        `gradient_accumulation_steps` that is not an integer >= 2 (and for
+        whatever else Keras 3 rejects).
 
     Example:
 

@@ -263,10 +263,12 @@ class Adamax(tf.Module):
 
     @property
     def jit_compile(self):
+        """Whether the update runs as one XLA program per call (read-only)."""
         return self._jit_compile
 
     @property
     def sparse_mode(self):
+        """`"exact"` or `"lazy"`: how `IndexedSlices` are applied (read-only)."""
         return self._config.sparse_mode
 
     def _set_adamax_option(self, name, value):
@@ -392,7 +394,9 @@ class Adamax(tf.Module):
 
     @property
     def variables(self):
-        """All optimizer state: iterations, learning rate, every slot."""
+        """All optimizer state: the call counter (`iterations`; with
+        gradient accumulation also the update counter it then reports), the
+        learning-rate variable, every slot."""
         state = [self._iterations] + (
             [] if self._updates is None else [self._updates])
         if isinstance(self._learning_rate, tf.Variable) and not \
@@ -760,7 +764,9 @@ class Adamax(tf.Module):
         warnings.warn(
             "The SavedModel's Adamax learning rate cannot be restored ("
             f"{reason}); the loaded optimizer uses {shown}, its value when "
-            "saved. Set `optimizer.learning_rate` to change it.",
+            "saved, and the SavedModel's functions the rate they were traced "
+            "with. To train on with another rate, restore a checkpoint of "
+            "the model and optimizer into a new optimizer.",
             UserWarning, stacklevel=2)
         # A callable, like the saved optimizer's: no learning-rate variable,
         # so the saved state matches the revived one.
