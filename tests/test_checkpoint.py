@@ -224,6 +224,34 @@ def test_async_checkpoint_holds_the_rate_of_the_save_call(tmp_path):
         assert float(restored.learning_rate) == pytest.approx(0.1 * (k + 1))
 
 
+def test_async_checkpoint_holds_sharded_slots_of_the_save_call(tmp_path):
+    # TF's async helper copies the slots of plain variables at `save()`, not
+    # a sharded variable's slot views (what its checkpoint entry holds):
+    # they were read when written, after the steps that followed (TF's
+    # legacy optimizers too). Shards as ParameterServerStrategy makes them.
+    shards = [tf.Variable(tf.ones([3, 2]), name="emb/part_0"),
+              tf.Variable(tf.ones([2, 2]), name="emb/part_1")]
+    emb = tf.__internal__.distribute.ShardedVariable(shards)
+    opt = tf_adamax.Adamax(0.1)
+    opt.build(shards)  # the sharded view is made by the first save itself
+    ckpt = tf.train.Checkpoint(emb=emb, opt=opt)
+    options = tf.train.CheckpointOptions(experimental_enable_async_checkpoint=True)
+    key = "emb/.OPTIMIZER_SLOT/opt/{}/.ATTRIBUTES/VARIABLE_VALUE"
+    for k in range(3):
+        for shard in shards:
+            for slot in SLOTS:
+                opt.get_slot(shard, slot).assign(tf.fill(shard.shape, k + 1.0))
+        path = ckpt.save(str(tmp_path / f"ckpt{k}"), options=options)
+        for shard in shards:  # right after save() returns
+            for slot in SLOTS:
+                opt.get_slot(shard, slot).assign(tf.fill(shard.shape, -99.0))
+        ckpt.sync()
+        reader = tf.train.load_checkpoint(path)
+        for slot in SLOTS:
+            np.testing.assert_array_equal(reader.get_tensor(key.format(slot)),
+                                          np.full([5, 2], k + 1.0), err_msg=slot)
+
+
 def test_checkpoint_holds_the_current_rate_variable(tmp_path):
     # A float set after a user's tf.Variable rate makes a new rate variable:
     # the checkpoint must hold that one, not a copy of the first.

@@ -50,6 +50,13 @@ def is_sharded(var):
     return isinstance(var, tf.__internal__.distribute.ShardedVariable)
 
 
+def sharded_container(var):
+    """The `ShardedVariable` that `var` is a shard of, or None (TF keeps a
+    weak reference to it on each shard, under a private name)."""
+    ref = getattr(var, "_sharded_container", None)
+    return ref() if ref is not None else None
+
+
 def make_sharded(shards, name):
     """A `ShardedVariable` view over existing shard variables."""
     return tf.__internal__.distribute.ShardedVariable(shards, name=name)

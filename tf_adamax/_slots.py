@@ -59,3 +59,7 @@ class SlotTable:
     @property
     def variables(self):
         return list(self._order)
+
+    def slotted(self):
+        """The variables that have slots (keys are `Reference`s)."""
+        return [key.deref() for key in self._slots]
