@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import tf_adamax
 import tf_keras
 
 from conftest import (AdamaxReference, assert_allclose_according_to_type,
@@ -196,6 +197,44 @@ def test_only_one_clip_option_as_in_keras3(front, clips):
         cls(**clips)
     with pytest.raises(ValueError):  # and Keras 3's own optimizer agrees
         keras.optimizers.Adamax(**clips)
+
+
+@pytest.mark.parametrize("mode", ("eager", "jit"))
+def test_ema_of_a_variable_first_updated_later_matches_keras3(mode):
+    # Keras 3 copies every built variable into its average at the first step
+    # and moves each average at every call, so a variable frozen at first
+    # averages from its weights. The core's average started from zeros:
+    # finalize_variable_values then set such a variable near 0.
+    values = {"a": [1.0, -2.0], "b": [5.0, 3.0]}
+    grads = [{"a": [0.5, -1.0], "b": None}, {"a": [0.2, 0.1], "b": [1.0, -2.0]},
+             {"a": [-0.3, 0.4], "b": [0.5, 0.5]}]
+
+    def run(opt, make_var):
+        variables = {k: make_var(v, k) for k, v in values.items()}
+        opt.build(list(variables.values()))
+        step = opt.apply_gradients
+        if mode == "jit" and isinstance(opt, tf_adamax.Adamax):
+            step = tf.function(step, jit_compile=True)
+        for g in grads:
+            step([(None if g[k] is None else tf.constant(g[k]), v)
+                  for k, v in variables.items()])
+        opt.finalize_variable_values(list(variables.values()))
+        return {k: np.asarray(v.numpy()) for k, v in variables.items()}
+
+    ours = run(tf_adamax.Adamax(0.1, use_ema=True, ema_momentum=0.9),
+               lambda v, k: tf.Variable(v, name=k))
+    theirs = run(keras.optimizers.Adamax(0.1, use_ema=True, ema_momentum=0.9),
+                 lambda v, k: keras.Variable(v, name=k))
+    for k in values:
+        np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-6, err_msg=k)
+    # A variable the optimizer first meets at a later step (no build):
+    # its average starts at its weights too.
+    opt = tf_adamax.Adamax(0.1, use_ema=True, ema_momentum=0.9)
+    a, late = tf.Variable([1.0]), tf.Variable([4.0])
+    opt.apply_gradients([(tf.constant([1.0]), a)])
+    opt.apply_gradients([(tf.constant([1.0]), late)])
+    np.testing.assert_allclose(opt.get_slot(late, "average").numpy(),
+                               0.9 * 4.0 + 0.1 * late.numpy(), rtol=1e-6)
 
 
 def test_finalize_without_ema_is_a_no_op(rng):

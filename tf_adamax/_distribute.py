@@ -137,17 +137,24 @@ def check_same_strategy(strategy, var):
         )
 
 
-def create_slot(strategy, var, name, dtype, shape):
-    """Creates a zero slot variable under `strategy`, colocated with `var`.
+def create_slot(strategy, var, name, dtype, shape, copy=False):
+    """Creates a slot variable under `strategy`, colocated with `var`: zeros,
+    or with `copy` a copy of `var`'s value (zeros while `var` holds none
+    yet, as while `tf.saved_model.load` revives it before restoring).
 
     Under MirroredStrategy the slot is mirrored like its variable; under
     ParameterServerStrategy it lives on the variable's parameter server.
     """
+    def initial_value():
+        if copy and _holds_value(unwrap(var)):
+            return tf.cast(unwrap(var).read_value(), dtype)
+        return tf.zeros(shape, dtype)
+
     with tf.init_scope():
         with strategy.scope(), strategy.extended.colocate_vars_with(
                 unwrap(var)):
             return tf.Variable(
-                tf.zeros(shape, dtype), name=name, trainable=False,
+                initial_value, name=name, trainable=False,
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
                 # Created eagerly (init_scope), not lifted out of a trace: a
                 # tf.function whose first call created no variables may then
@@ -155,6 +162,13 @@ def create_slot(strategy, var, name, dtype, shape):
                 # otherwise raise after that call had updated the weights).
                 experimental_enable_variable_lifting=False,
             )
+
+
+def _holds_value(var):
+    try:
+        return bool(var.is_initialized())
+    except (AttributeError, TypeError, ValueError, tf.errors.OpError):
+        return False
 
 
 def create_state(strategy, initial_value, name, dtype):

@@ -33,16 +33,17 @@ class SlotTable:
     def has(self, var):
         return _distribute.var_key(var) in self._slots
 
-    def create(self, strategy, var, name, dtype):
-        """Creates slot `name` of `var` (zeros) unless it exists; restores
-        any checkpoint value parked for it."""
+    def create(self, strategy, var, name, dtype, copy=False):
+        """Creates slot `name` of `var` (zeros, or with `copy` `var`'s
+        value) unless it exists; restores any checkpoint value parked for
+        it."""
         key = _distribute.var_key(var)
         existing = self._slots.get(key, {}).get(name)
         if existing is not None:
             return existing
         base = _distribute.unwrap(var).name.split(":")[0]
         slot = _distribute.create_slot(
-            strategy, var, f"{base}/{name}", dtype, var.shape)
+            strategy, var, f"{base}/{name}", dtype, var.shape, copy)
         # Registered only once created: a failed creation leaves no trace.
         self._slots.setdefault(key, {})[name] = slot
         self._order.append(slot)

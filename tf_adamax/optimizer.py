@@ -479,7 +479,12 @@ class Adamax(tf.Module):
         # gradient accumulator: float32 for float16/bfloat16 variables.
         dtype = var.dtype if slot_name == "average" else \
             _math.compute_dtype(var.dtype)
-        return self._slots.create(self._strategy, var, slot_name, dtype)
+        # The average starts at the weights, as Keras 3's does in effect:
+        # it copies every built variable at the first step and then moves
+        # each average at every call. A variable whose first update comes
+        # later (frozen at first, or new) would otherwise average from 0.
+        return self._slots.create(self._strategy, var, slot_name, dtype,
+                                  copy=slot_name == "average")
 
     def _states(self, variables):
         return [
