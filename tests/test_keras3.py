@@ -768,3 +768,19 @@ def test_lazy_weight_decay_respects_exclusion_by_name():
 
 def test_float64_variables_are_exact():
     check_float64_variables_are_exact(Adamax, keras.Variable)
+
+
+def test_accumulated_sparse_gradient_without_dense_shape():
+    # Keras 3 densifies accumulated sparse gradients, which needs a
+    # dense_shape; its own optimizers then fail with an error naming no
+    # variable. The adapter gives the gradient its variable's shape.
+    results = []
+    for dense_shape in (None, tf.constant([3, 2])):
+        var = keras.Variable(np.ones((3, 2), np.float32))
+        opt = Adamax(0.1, gradient_accumulation_steps=2)
+        for values in ([[1.0, 2.0]], [[-3.0, 0.5]]):
+            opt.apply_gradients([(tf.IndexedSlices(
+                tf.constant(values), tf.constant([1]), dense_shape), var)])
+        results.append(np.asarray(var.numpy()))
+    assert not np.array_equal(results[0], np.ones((3, 2)))
+    np.testing.assert_array_equal(results[0], results[1])
