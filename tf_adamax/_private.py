@@ -57,6 +57,14 @@ def sharded_container(var):
     return ref() if ref is not None else None
 
 
+def copy_sharded_to_cpu(views, object_map):
+    """Async checkpoints: copies sharded slot views (and their shards) into
+    `object_map` when `save()` is called. TF's async helper copies the
+    slots of plain variables only, so these would be read when written."""
+    for view in views:
+        view._copy_trackable_to_cpu(object_map)
+
+
 def make_sharded(shards, name):
     """A `ShardedVariable` view over existing shard variables."""
     return tf.__internal__.distribute.ShardedVariable(shards, name=name)

@@ -409,13 +409,10 @@ class Adamax(tf.Module):
         return []
 
     def _copy_trackable_to_cpu(self, object_map):
-        # Async checkpoints copy what they save when `save()` is called and
-        # write the copies later. TF's helper finds slots only for plain
-        # variables, so a sharded variable's slot views (what its checkpoint
-        # entry holds) were read by the writer thread, after later steps.
-        # Copy them with the rest (`ShardedVariable._copy_trackable_to_cpu`
-        # copies each shard), made first if the checkpoint has not asked
-        # for them yet. A private TF hook, like `_trackable_children`.
+        # TF's hook for async checkpoints (like `_trackable_children`): a
+        # sharded variable's slot views, what its checkpoint entry holds,
+        # are copied with the rest (`_private.copy_sharded_to_cpu`), made
+        # first if the checkpoint has not asked for them yet.
         for var in self._slots.slotted():
             container = _private.sharded_container(var)
             for name in self.get_slot_names() if container is not None else ():
@@ -423,8 +420,8 @@ class Adamax(tf.Module):
                     self.get_slot(container, name)  # the view, made once
                 except KeyError:
                     pass  # a shard without slots: nothing sharded to save
-        for view in list(self._fns.sharded_slots.values()):
-            view._copy_trackable_to_cpu(object_map)
+        _private.copy_sharded_to_cpu(list(self._fns.sharded_slots.values()),
+                                     object_map)
 
     def _trackable_children(self, save_type="checkpoint", **kwargs):
         # The rate variable is checkpointed as a float64 value, so that it
