@@ -153,6 +153,40 @@ def _saved_model_export(tf, strategy, coordinator):
                for slot in ("momentum", "norm")}}
 
 
+def _eager_grads(tf, shards):
+    """A sparse gradient (opposite-sign repeats) for the first shard, a dense
+    one for the second."""
+    return [tf.IndexedSlices(tf.constant([[1.0, -2.0], [-3.0, 0.5], [0.25, 1.0]]),
+                             tf.constant([0, 1, 0]), tf.constant(shards[0].shape)),
+            tf.fill(shards[1].shape, 2.0)]
+
+
+def child_eager_chief():
+    """Child: a fresh cluster (1 worker, 2 parameter servers, a sharded table)
+    where the chief applies two eager steps with the default jit_compile=True
+    (TF's XLA launcher cannot write a parameter server's variables from an
+    eager XLA call; the failure shows in a fresh process like this one)."""
+    tf = dh.import_tf()
+    import tf_adamax
+
+    resolver, servers = dh.start_in_process_cluster(1, NUM_PS)
+    strategy = tf.distribute.experimental.ParameterServerStrategy(
+        resolver,
+        variable_partitioner=tf.distribute.experimental.partitioners.FixedShardsPartitioner(
+            NUM_PS))
+    _KEEP_ALIVE.append(servers)
+    with strategy.scope():
+        var = tf.Variable(tf.reshape(tf.range(8.0), [4, 2]), name="eager_emb")
+        opt = tf_adamax.Adamax(0.1)
+    try:
+        for _ in range(2):
+            opt.apply_gradients(zip(_eager_grads(tf, var.variables), var.variables))
+    except Exception:  # noqa: BLE001 - reported by the owning test
+        return {"eager_chief": dh.error_record()}
+    return {"eager_chief": {"shards": [s.numpy().tolist() for s in var.variables],
+                            "iterations": int(opt.iterations.numpy())}}
+
+
 @pytest.fixture(scope="module")
 def ps_results(tmp_path_factory):
     return dh.run_child(f"{__name__}:child_ps", dict(configs=CONFIGS, num_steps=NUM_STEPS),
@@ -221,3 +255,23 @@ def test_saved_model_of_a_sharded_table_keeps_its_slots(ps_results, tmp_path):
     for slot in ("momentum", "norm"):
         np.testing.assert_array_equal(
             again.opt.get_slot(again.emb, slot).numpy(), saved[slot])
+
+
+def test_eager_update_on_the_coordinator_matches_one_device(tmp_path):
+    # With jit_compile=True an eager apply_gradients on the chief failed
+    # inside TF (InternalError: KernelAndDeviceOp does not support
+    # EagerFunctionParams); it now runs the same step op by op there.
+    import tensorflow as tf
+    import tf_adamax
+
+    rec = dh.check_record(dh.run_child(f"{__name__}:child_eager_chief", {}, tmp_path,
+                                       CHILD_TIMEOUT)["eager_chief"])
+    values = np.arange(8.0, dtype=np.float32).reshape(4, 2)
+    shards = [tf.Variable(part) for part in np.split(values, [len(rec["shards"][0])])]
+    opt = tf_adamax.Adamax(0.1)
+    for _ in range(2):
+        opt.apply_gradients(zip(_eager_grads(tf, shards), shards))
+    assert rec["iterations"] == 2
+    for got, want in zip(rec["shards"], shards):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-6)
+    assert not np.array_equal(np.concatenate(rec["shards"]), values)

@@ -60,6 +60,11 @@ def var_key(var):
     return (var if container is None else container).ref()
 
 
+def is_parameter_server(strategy):
+    return isinstance(strategy,
+                      tf.distribute.experimental.ParameterServerStrategy)
+
+
 def current_strategy():
     return tf.distribute.get_strategy()
 

@@ -592,6 +592,16 @@ class Adamax(tf.Module):
                 [_distribute.local(strategy, g)[0] for g in grads])
         decays = [self._decays(v) for v in variables]
         states = self._states(variables)
+        update = self._fns.update
+        if (self._jit_compile and tf.executing_eagerly()
+                and _distribute.is_parameter_server(self._strategy)):
+            # An eager step on the coordinator (outside the strategy's
+            # scope: only the optimizer knows the strategy). TF cannot run
+            # an eager XLA function that writes a parameter server's
+            # variables (InternalError: KernelAndDeviceOp does not support
+            # EagerFunctionParams), so the same step runs op by op there.
+            # Scheduled steps (tf.functions) stay compiled.
+            update = _step.apply_step
         with tf.control_dependencies(checks):
             for group in groups:
                 with tf.device(group.device):
@@ -601,7 +611,7 @@ class Adamax(tf.Module):
                         strategy, self._learning_rate, group)
                         if isinstance(self._learning_rate, tf.Variable)
                         else None)
-                    self._fns.update(
+                    update(
                         self._config,
                         [_component_state(strategy, states[i], group)
                          for i in group.positions],
