@@ -318,6 +318,7 @@ def test_save_and_load_restores_optimizer_state(tmp_path, save_format):
     else:
         path = str(tmp_path / "saved_model")
         model.save(path, save_format="tf")
+    saved_state = [v.numpy().copy() for v in model.optimizer.variables]
     model.fit(ids[second], y[second], **fit)  # uninterrupted
 
     # No custom_objects: importing tf_adamax.tf_keras registered the class.
@@ -329,6 +330,16 @@ def test_save_and_load_restores_optimizer_state(tmp_path, save_format):
         assert int(tf_keras.models.load_model(
             path).optimizer.iterations.numpy()) == 0
         restored = tf_adamax.tf_keras.load_model(path)
+        # In place at once, not queued for the first step: a model saved
+        # again before training held no slots.
+        assert len(restored.optimizer.variables) == len(saved_state)
+        for saved, now in zip(saved_state, restored.optimizer.variables):
+            np.testing.assert_array_equal(now.numpy(), saved)
+        resaved = str(tmp_path / "resaved.keras")
+        restored.save(resaved)
+        again = tf_keras.models.load_model(resaved).optimizer.variables
+        for saved, now in zip(saved_state, again):
+            np.testing.assert_array_equal(now.numpy(), saved)
     else:
         restored = tf_keras.models.load_model(path)
     opt = restored.optimizer

@@ -312,7 +312,8 @@ def load_model(filepath, **kwargs):
     SavedModel directory, tf-keras re-creates the optimizer from its config
     but restores none of its state (for every optimizer, its own Adamax
     included); the state is in the SavedModel's checkpoint, keyed by object,
-    and is read back here (slots are restored when they are built).
+    and is read back here, the optimizer built first so that its slots are
+    in place at once (a model saved again before training keeps them).
 
     An HDF5 file whose optimizer is this Adamax inside a `LossScaleOptimizer`
     (as `compile` wraps it under a `mixed_float16` policy) loads here, where
@@ -340,8 +341,14 @@ def load_model(filepath, **kwargs):
     if path is None:
         return model
     checkpoint = os.path.join(path, "variables", "variables")
-    if getattr(model, "optimizer", None) is not None and tf.io.gfile.exists(
-            checkpoint + ".index"):
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and tf.io.gfile.exists(checkpoint + ".index"):
+        # Built first, so the slots are read into place now: tf-keras only
+        # queues the values of slots that do not exist yet, and a model saved
+        # again before training would hold none of them.
+        inner = getattr(optimizer, "inner_optimizer", optimizer)
+        if not getattr(inner, "_built", False):
+            inner.build(model.trainable_variables)
         tf.train.Checkpoint(model).read(checkpoint).expect_partial()
     return model
 
