@@ -104,6 +104,54 @@ def test_slots_restored_before_build_are_there_and_saved_again(resume_setup,
     assert_same_state(resume_setup["full"], snapshot(opt, variables))
 
 
+def test_restore_makes_only_the_slots_the_checkpoint_holds(tmp_path):
+    # Made at restore time, an EMA average copied the weights before TF had
+    # restored them: fine-tuning with EMA from a checkpoint trained without
+    # it then averaged towards the fresh initial values, and finalize wiped
+    # a pretrained table it never trained. The average is made by `build`,
+    # from the restored weights.
+    w, emb = tf.Variable([5.0, -3.0], name="w"), tf.Variable([[1.0, 2.0]], name="e")
+    opt = tf_adamax.Adamax(0.1)  # trained without EMA
+    opt.apply_gradients([(tf.constant([1.0, 1.0]), w), (tf.constant([[1.0, 1.0]]), emb)])
+    path = tf.train.Checkpoint(w=w, emb=emb, opt=opt).save(str(tmp_path / "c"))
+    pretrained = emb.numpy().copy()
+
+    w2, emb2 = tf.Variable([0.0, 0.0], name="w"), tf.Variable([[0.0, 0.0]], name="e")
+    opt2 = tf_adamax.Adamax(0.1, use_ema=True, ema_momentum=0.9)
+    tf.train.Checkpoint(opt=opt2, w=w2, emb=emb2).restore(path).assert_consumed()
+    np.testing.assert_array_equal(opt2.get_slot(emb2, "momentum").numpy(),
+                                  opt.get_slot(emb, "momentum").numpy())
+    with pytest.raises(KeyError):
+        opt2.get_slot(w2, "average")  # not in the checkpoint: made by build
+    restored = w2.numpy().copy()
+    opt2.apply_gradients([(tf.constant([0.0, 0.0]), w2)])  # emb2 stays frozen
+    stepped = w2.numpy().copy()
+    opt2.finalize_variable_values([w2, emb2])
+    # The restored iterations make this a later step: the average moves from
+    # the restored weights (not from the fresh initial zeros).
+    np.testing.assert_allclose(w2.numpy(), 0.9 * restored + 0.1 * stepped,
+                               rtol=1e-6)
+    np.testing.assert_array_equal(emb2.numpy(), pretrained)
+
+
+def test_restore_under_another_strategy_scope_defers_the_slots(tmp_path):
+    # Slots made at restore time would nest the optimizer's (default)
+    # strategy's scope in the caller's: TF raises. They are restored at the
+    # first step instead, as before.
+    w = tf.Variable([5.0, -3.0], name="w")
+    opt = tf_adamax.Adamax(0.1)
+    opt.apply_gradients([(tf.constant([1.0, 2.0]), w)])
+    path = tf.train.Checkpoint(w=w, opt=opt).write(str(tmp_path / "c"))
+    w2 = tf.Variable([0.0, 0.0], name="w")
+    opt2 = tf_adamax.Adamax(0.1)
+    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+        tf.train.Checkpoint(w=w2, opt=opt2).read(path)
+    opt2.build([w2])
+    for slot in SLOTS:
+        np.testing.assert_array_equal(opt2.get_slot(w2, slot).numpy(),
+                                      opt.get_slot(w, slot).numpy())
+
+
 @pytest.mark.parametrize("variant", ("build_first", "restore_first"))
 def test_restore_with_changed_variable_order(tmp_path, variant):
     """Slots follow their variable, not a position in a list."""

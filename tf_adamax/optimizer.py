@@ -366,12 +366,14 @@ class Adamax(tf.Module):
                                          slot_variable_shape=None):
         """Checkpoint protocol: the slot to restore into, or None (deferred).
 
-        A slot that does not exist yet is made now (`build`), as TF's own
-        optimizers make theirs: left pending until the first step, it would
-        be missing from `get_slot`, `variables` and any checkpoint or
-        SavedModel written before that step. Where it cannot be made now
-        (inside a tf.function, or for a variable `build` refuses), it is
-        restored when `build` creates it.
+        A slot the checkpoint holds is made now, as TF's own optimizers make
+        theirs: left pending until the first step, it would be missing from
+        `get_slot`, `variables` and any checkpoint or SavedModel written
+        before that step. Only that slot: one the checkpoint lacks (say, the
+        EMA average of a model trained without EMA) is made by `build`, from
+        the restored weights. Where it cannot be made now (inside a
+        tf.function, under another strategy's scope, or for a variable
+        `build` refuses), it is restored when `build` creates it.
         """
         del slot_variable_shape  # slots always have their variable's shape
         if _private.is_sharded(variable):
@@ -379,18 +381,26 @@ class Adamax(tf.Module):
             # only a sharded view can take back (it splits the value over the
             # shards, re-sharding if needed). A deferred restore could not
             # be matched to the per-shard slots, so the slots are made now.
-            self.build(variable.variables)
+            for shard in variable.variables:
+                self._restore_target(shard, slot_name)
             return self.get_slot(variable, slot_name)
-        if self._slots.get(variable, slot_name) is None and \
-                not tf.inside_function():
+        if not tf.inside_function():
             try:
-                self.build([variable])
-            except (TypeError, ValueError):
+                self._restore_target(variable, slot_name)
+            except (TypeError, ValueError, RuntimeError):
                 pass  # `build` at the first step raises it in context
         slot = self._slots.get(variable, slot_name)
         if slot is None:
             self._slots.defer(variable, slot_name, slot_variable_position)
         return slot
+
+    def _restore_target(self, var, slot_name):
+        """Slot `slot_name` of `var`, made (with `build`'s checks) to take a
+        checkpoint's value."""
+        if self._slots.get(var, slot_name) is None:
+            _checks.check_variable(var)
+            _distribute.check_same_strategy(self._strategy, var)
+            self.add_slot(var, slot_name)
 
     @property
     def variables(self):
