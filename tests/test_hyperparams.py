@@ -237,6 +237,18 @@ def test_ema_of_a_variable_first_updated_later_matches_keras3(mode):
                                0.9 * 4.0 + 0.1 * late.numpy(), rtol=1e-6)
 
 
+def test_tf_keras_config_with_a_norm_clip_and_clipvalue_still_loads():
+    # Refused in the constructor, but a saved model's config holding both
+    # (tf-keras accepts the pair and applies only the norm clip) must load.
+    import tf_adamax.tf_keras
+
+    config = tf_adamax.tf_keras.Adamax(0.1, clipnorm=1.0).get_config()
+    config["clipvalue"] = 0.5
+    with pytest.warns(UserWarning, match="clipvalue dropped"):
+        opt = tf_adamax.tf_keras.Adamax.from_config(config)
+    assert (opt.clipnorm, opt.clipvalue) == (1.0, None)
+
+
 def test_finalize_without_ema_is_a_no_op(rng):
     variables, _ = _vars(rng)
     opt = make_optimizer("eager", learning_rate=0.02)

@@ -109,13 +109,14 @@ def check_sparse_mode(sparse_mode):
     )
 
 
-def check_adamax(beta_1, beta_2, epsilon, sparse_mode):
-    """The checks every Adamax front end (core and adapters) shares."""
+def check_adamax(beta_1, beta_2, epsilon, sparse_mode, warn=True):
+    """The checks every Adamax front end (core and adapters) shares;
+    `warn=False` for re-checks that do not set `epsilon`."""
     check_sparse_mode(sparse_mode)
     check_scalar("beta_1", beta_1, low=0.0, high=1.0)
     check_scalar("beta_2", beta_2, low=0.0, high=1.0)
     check_scalar("epsilon", epsilon, low=0.0, high=None, high_open=False)
-    if _constant_value(epsilon) == 0:
+    if warn and _constant_value(epsilon) == 0:
         # Allowed, as in Keras (with nonzero gradients it is the textbook
         # update), but an all-zero gradient entry gives 0 / 0.
         warnings.warn(

@@ -278,7 +278,7 @@ class Adamax(tf.Module):
         value = _distribute.unwrap(value)
         config = self._config._replace(**{name: value})
         _hyper.check_adamax(config.beta_1, config.beta_2, config.epsilon,
-                            config.sparse_mode)
+                            config.sparse_mode, warn=name == "epsilon")
         current = getattr(self._config, name)
         same = value is current or (
             isinstance(value, (int, float)) and isinstance(current, (int, float))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import tensorflow as tf
 import tf_keras
@@ -93,8 +94,12 @@ class Adamax(_adapter.KernelUpdates, tf_keras.optimizers.Optimizer):
         names raise, as in tf-keras.
 
     Raises:
-      ValueError: For an unknown `sparse_mode` or an out-of-range
-        `beta_1`, `beta_2` or `epsilon` (and for whatever tf-keras rejects).
+      ValueError: For an unknown `sparse_mode`; an out-of-range `beta_1`,
+        `beta_2`, `epsilon`, `ema_momentum` or `ema_overwrite_frequency`; a
+        negative or non-finite learning rate, weight decay or clip value, or
+        more than one clip option (tf-keras would silently apply only the
+        norm clip; `from_config` keeps loading such configs, see there);
+        and for whatever else tf-keras rejects.
 
     Example:
 
@@ -270,6 +275,26 @@ class Adamax(_adapter.KernelUpdates, tf_keras.optimizers.Optimizer):
                     "list of trainable variables before the first step (e.g. "
                     "before freezing layers), or create a new optimizer when "
                     "the trainable variables change.")
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        """Creates the optimizer from `get_config()`'s output.
+
+        A config with a norm clip and `clipvalue` (written for tf-keras, or
+        saved by tf_adamax before it refused the pair) loads as tf-keras
+        runs it, with the norm clip only, and a warning: a saved model must
+        not become unloadable.
+        """
+        config = dict(config)
+        if config.get("clipvalue") and (config.get("clipnorm")
+                                        or config.get("global_clipnorm")):
+            warnings.warn(
+                f"Adamax config has clipvalue={config['clipvalue']} with a "
+                "norm clip; tf-keras applies only the norm clip, and so does "
+                "this optimizer (clipvalue dropped).", UserWarning,
+                stacklevel=2)
+            config["clipvalue"] = None
+        return super().from_config(config, custom_objects=custom_objects)
 
     def _clip_gradients(self, grads):
         # tf-keras's hook between gradient aggregation and clipping (private,
