@@ -362,6 +362,14 @@ def test_out_of_range_indices_raise_and_change_nothing(mode, bad, sparse_mode):
         assert f"rows = {ROWS}; out of range: [{bad}]" in str(err.value)
 
 
+def test_eager_out_of_range_message_lists_every_bad_index():
+    opt, (a, b, emb) = _trained("eager")
+    bad_grad = _slices([ROWS, 2, -1, ROWS + 1], np.ones((4, 3)))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=re.escape(f"out of range: [{ROWS}, -1, {ROWS + 1}]")):
+        opt.apply_gradients([(bad_grad, emb)])
+
+
 def _expect_dropped(opt, emb, emb_before, slots_before, indices, values, bad,
                     sparse_mode):
     """The reference run of the same step without the out-of-range row."""
