@@ -300,6 +300,23 @@ def test_async_checkpoint_holds_sharded_slots_of_the_save_call(tmp_path):
                                           np.full([5, 2], k + 1.0), err_msg=slot)
 
 
+def test_async_checkpoint_of_a_partly_slotted_sharded_variable(tmp_path):
+    # Only one shard has slots: there is no sharded view to copy, and the
+    # async save must still write what exists.
+    shards = [tf.Variable(tf.ones([3, 2]), name="emb/part_0"),
+              tf.Variable(tf.ones([2, 2]), name="emb/part_1")]
+    emb = tf.__internal__.distribute.ShardedVariable(shards)
+    opt = tf_adamax.Adamax(0.1)
+    opt.build([shards[0]])
+    ckpt = tf.train.Checkpoint(emb=emb, opt=opt)
+    options = tf.train.CheckpointOptions(experimental_enable_async_checkpoint=True)
+    path = ckpt.save(str(tmp_path / "ckpt"), options=options)
+    ckpt.sync()
+    np.testing.assert_array_equal(
+        tf.train.load_checkpoint(path).get_tensor("emb/.ATTRIBUTES/VARIABLE_VALUE"),
+        np.ones([5, 2]))
+
+
 def test_checkpoint_holds_the_current_rate_variable(tmp_path):
     # A float set after a user's tf.Variable rate makes a new rate variable:
     # the checkpoint must hold that one, not a copy of the first.

@@ -95,6 +95,14 @@ def test_keras_options_are_checked_by_every_front_end(front, kwargs, words):
         _front(front)(**kwargs)
 
 
+@pytest.mark.parametrize("front", ("core", "keras3", "tf_keras"))
+def test_ema_momentum_bounds_are_closed_as_in_keras(front):
+    # Keras accepts ema_momentum in [0, 1] (1 freezes the average).
+    for momentum in (0.0, 1.0):
+        opt = _front(front)(use_ema=True, ema_momentum=momentum)
+        assert opt.get_config()["ema_momentum"] == momentum
+
+
 @pytest.mark.parametrize("front", ("keras3", "tf_keras"))
 def test_adapters_read_an_ema_overwrite_frequency_of_zero_as_off(front):
     # As Keras reads it (configs Keras saved may hold 0); the core refuses 0.
