@@ -381,26 +381,17 @@ class Adamax(tf.Module):
             # only a sharded view can take back (it splits the value over the
             # shards, re-sharding if needed). A deferred restore could not
             # be matched to the per-shard slots, so the slots are made now.
-            for shard in variable.variables:
-                self._restore_target(shard, slot_name)
+            self._make_slots(variable.variables, [slot_name])
             return self.get_slot(variable, slot_name)
         if not tf.inside_function():
             try:
-                self._restore_target(variable, slot_name)
+                self._make_slots([variable], [slot_name])
             except (TypeError, ValueError, RuntimeError):
                 pass  # `build` at the first step raises it in context
         slot = self._slots.get(variable, slot_name)
         if slot is None:
             self._slots.defer(variable, slot_name, slot_variable_position)
         return slot
-
-    def _restore_target(self, var, slot_name):
-        """Slot `slot_name` of `var`, made (with `build`'s checks) to take a
-        checkpoint's value."""
-        if self._slots.get(var, slot_name) is None:
-            _checks.check_variable(var)
-            _distribute.check_same_strategy(self._strategy, var)
-            self.add_slot(var, slot_name)
 
     @property
     def variables(self):
@@ -423,9 +414,11 @@ class Adamax(tf.Module):
         # sharded variable's slot views, what its checkpoint entry holds,
         # are copied with the rest (`_private.copy_sharded_to_cpu`), made
         # first if the checkpoint has not asked for them yet.
-        for var in self._slots.slotted():
-            container = _private.sharded_container(var)
-            for name in self.get_slot_names() if container is not None else ():
+        containers = {id(c): c for c in map(_private.sharded_container,
+                                            self._slots.slotted())
+                      if c is not None}
+        for container in containers.values():
+            for name in self.get_slot_names():
                 try:
                     self.get_slot(container, name)  # the view, made once
                 except KeyError:
@@ -453,7 +446,12 @@ class Adamax(tf.Module):
         Variables seen for the first time later (unfrozen layers) are built
         on their first `apply_gradients`.
         """
-        var_list = _distribute.expand(var_list)
+        self._make_slots(_distribute.expand(var_list), self.get_slot_names())
+
+    def _make_slots(self, var_list, slot_names):
+        """Checks every variable, then creates its slots `slot_names` (for
+        `build`, and for a checkpoint restore, which makes only the slots it
+        holds)."""
         for var in var_list:
             _checks.check_variable(var)
         for var in var_list:
@@ -462,7 +460,7 @@ class Adamax(tf.Module):
             _distribute.check_same_strategy(self._strategy, var)
         for var in var_list:
             try:
-                for name in self.get_slot_names():
+                for name in slot_names:
                     self.add_slot(var, name)
             except ValueError as e:
                 if not tf.inside_function():
