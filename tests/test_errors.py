@@ -104,12 +104,16 @@ def test_ema_momentum_bounds_are_closed_as_in_keras(front):
 
 
 @pytest.mark.parametrize("front", ("keras3", "tf_keras"))
-def test_adapters_read_an_ema_overwrite_frequency_of_zero_as_off(front):
-    # As Keras reads it (configs Keras saved may hold 0); the core refuses 0.
-    opt = _front(front)(use_ema=True, ema_overwrite_frequency=0)
+@pytest.mark.parametrize("zero", (0, 0.0, False))
+def test_adapters_read_an_ema_overwrite_frequency_of_zero_as_off(front, zero):
+    # As Keras reads it (it checks only a truthy value; configs Keras saved
+    # may hold 0); the core refuses a zero.
+    opt = _front(front)(use_ema=True, ema_overwrite_frequency=zero)
     assert opt.ema_overwrite_frequency is None
     with pytest.raises(ValueError, match="ema_overwrite_frequency"):
-        tf_adamax.Adamax(use_ema=True, ema_overwrite_frequency=0)
+        tf_adamax.Adamax(use_ema=True, ema_overwrite_frequency=zero)
+    with pytest.raises(ValueError, match="ema_overwrite_frequency"):
+        _front(front)(use_ema=True, ema_overwrite_frequency=-1)
 
 
 @pytest.mark.parametrize("front", ("core", "keras3", "tf_keras"))

@@ -135,15 +135,15 @@ def check_keras_options(ema_momentum, ema_overwrite_frequency,
     to the first step). Returns `(ema_overwrite_frequency,
     gradient_accumulation_steps)` as ints or None.
 
-    `zero_is_off`: the Keras adapters read an `ema_overwrite_frequency` of 0
-    as "never", as Keras does (configs saved by Keras may hold it).
+    `zero_is_off`: the Keras adapters read a zero `ema_overwrite_frequency`
+    (0, 0.0 or False) as "never", as Keras does (it only checks a truthy
+    value; configs saved by Keras may hold one).
     """
     check_scalar("ema_momentum", ema_momentum, low=0.0, high=1.0,
                  high_open=False)
     check_scalar("loss_scale_factor", loss_scale_factor, low=0.0,
                  low_open=True, high=None, allow_none=True)
-    if zero_is_off and isinstance(ema_overwrite_frequency, numbers.Integral) \
-            and not isinstance(ema_overwrite_frequency, bool) \
+    if zero_is_off and isinstance(ema_overwrite_frequency, numbers.Number) \
             and ema_overwrite_frequency == 0:
         ema_overwrite_frequency = None
     return (check_positive_int("ema_overwrite_frequency",
