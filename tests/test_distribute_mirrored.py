@@ -63,7 +63,8 @@ def child_mirrored(configs, num_steps, ckpt_modes, ckpt_dir):
                        ("constraint", child_constraint),
                        ("sparse-stays-sparse", child_sparse_stays_sparse),
                        ("bfloat16-sparse", child_bfloat16_sparse),
-                       ("shared-gradient", child_shared_gradient)):
+                       ("shared-gradient", child_shared_gradient),
+                       ("mixed-dtypes", child_mixed_dtypes)):
         try:
             results[key] = child(tf, strategy)
         except Exception:  # noqa: BLE001 - reported by the owning test
@@ -264,6 +265,58 @@ def child_shared_gradient(tf, strategy):
                            strategy.experimental_local_results(w)],
                 "one_device": one.numpy().tolist(),
                 "iterations": int(opt.iterations.numpy())}
+    return out
+
+
+# Per replica: (float16 variable's gradient, float32 variable's gradient);
+# the second step's are twice the first's. Multiples of 1/4: exact sums.
+MIXED_GRADS = (([0.5, -1.0, 0.25], [1.0, -2.0]),
+               ([1.5, 0.75, -1.0], [-0.25, 3.0]))
+MIXED_INIT = ([1.0, -0.5, 2.0], [0.5, 1.5])
+MIXED_FRONTS = ("core/jit=True", "core/jit=False", "keras3", "tf_keras")
+
+
+def child_mixed_dtypes(tf, strategy):
+    """A float16 and a float32 variable in one `apply_gradients` call
+    (TF packs one sum's gradients into one buffer, which needs one dtype):
+    each copy after two steps in `strategy.run`, per front end."""
+    import tf_adamax
+    import tf_adamax.keras
+    import tf_adamax.tf_keras
+
+    make = {"core/jit=True": lambda: tf_adamax.Adamax(0.1),
+            "core/jit=False": lambda: tf_adamax.Adamax(0.1, jit_compile=False),
+            "keras3": lambda: tf_adamax.keras.Adamax(0.1),
+            "tf_keras": lambda: tf_adamax.tf_keras.Adamax(0.1)}
+    grads = tf.constant([g16 + g32 for g16, g32 in MIXED_GRADS])
+    out = {}
+    for front in MIXED_FRONTS:
+        try:
+            with strategy.scope():
+                half = tf.Variable(tf.constant(MIXED_INIT[0], tf.float16))
+                full = tf.Variable(MIXED_INIT[1])
+                opt = make[front]()
+                if front == "keras3":  # Keras 3 cannot build in strategy.run
+                    opt.build([half, full])
+
+            @tf.function
+            def step(scale, half=half, full=full, opt=opt):
+                def replica_fn():
+                    r = tf.distribute.get_replica_context().replica_id_in_sync_group
+                    g = tf.gather(grads, r) * scale
+                    opt.apply_gradients([(tf.cast(g[:3], tf.float16), half),
+                                         (g[3:], full)])
+                strategy.run(replica_fn)
+
+            for scale in (1.0, 2.0):
+                step(tf.constant(scale))
+            local = strategy.experimental_local_results
+            out[front] = {"copies": [
+                [np.array(tf.cast(x, tf.float64)).tolist() for x in copy]
+                for copy in zip(local(half), local(full))],
+                "iterations": int(opt.iterations.numpy())}
+        except Exception as e:  # noqa: BLE001 - recorded for the test
+            out[front] = {"error": f"{type(e).__name__}: {e}"[:2000]}
     return out
 
 
@@ -572,3 +625,32 @@ def test_sparse_gradients_stay_sparse_through_the_all_reduce(mirrored_results):
     for mode in ("lazy", "exact"):  # the step ran and summed both replicas
         for row in rec[mode]["row1"]:
             assert all(x < 0 for x in row), (mode, row)
+
+
+def test_float16_and_float32_variables_are_summed_in_one_call(mirrored_results):
+    # TF concatenates one sum's dense gradients into one buffer, so a model
+    # mixing float16 and float32 variables failed (ConcatV2 TypeError, TF's
+    # and Keras's own optimizers too); each dtype is now summed apart.
+    from reference import dense_step
+
+    rec = dh.check_record(mirrored_results["mixed-dtypes"])
+    assert set(rec) == set(MIXED_FRONTS)
+    summed = [np.add(*[np.array(r[k]) for r in MIXED_GRADS]) for k in (0, 1)]
+    expected = []
+    for k, dtype in ((0, np.float16), (1, np.float32)):
+        w = np.array(MIXED_INIT[k], np.float64)
+        m = u = np.zeros_like(w)
+        for t, scale in ((1, 1.0), (2, 2.0)):
+            w, m, u = dense_step(w, m, u, summed[k] * scale, 0.1, 0.9, 0.999,
+                                 1e-7, t)
+            w = w.astype(dtype).astype(np.float64)
+        expected.append(w)
+    for front, got in rec.items():
+        assert "error" not in got, (front, got.get("error"))
+        assert got["iterations"] == 2, front
+        assert len(got["copies"]) == NUM_REPLICAS, front
+        for half, full in got["copies"]:
+            np.testing.assert_allclose(half, expected[0], rtol=2e-3,
+                                       err_msg=front)
+            np.testing.assert_allclose(full, expected[1], rtol=1e-6,
+                                       err_msg=front)

@@ -234,10 +234,36 @@ def all_reduce(strategy, grads, variables):
     if strategy.num_replicas_in_sync == 1 and not isinstance(
             grads[0], tf.distribute.DistributedValues):
         return list(grads)
-    return strategy.extended.batch_reduce_to(
-        tf.distribute.ReduceOp.SUM,
-        [(g, unwrap(v)) for g, v in zip(grads, variables)],
-    )
+    return sum_per_dtype(
+        lambda pairs: strategy.extended.batch_reduce_to(
+            tf.distribute.ReduceOp.SUM,
+            [(g, unwrap(v)) for g, v in pairs]),
+        list(zip(grads, variables)),
+        lambda pair: local(strategy, pair[0])[0].dtype)
+
+
+def sum_per_dtype(sum_fn, items, dtype_of):
+    """`sum_fn(items) -> sums`, called once per gradient dtype when they mix.
+
+    TF packs a batch of dense gradients into one buffer (ConcatV2) for its
+    all-reduce, which fails when a model mixes, say, float16 and float32
+    variables (TF's and Keras's own optimizers too). The items of each dtype
+    are summed apart, in list order, so every worker issues the same
+    collectives. `dtype_of(item)` is None for an item to pass through
+    unchanged (a None gradient). Returns the sums in the order of `items`.
+    """
+    positions = {}
+    for i, item in enumerate(items):
+        dtype = dtype_of(item)
+        if dtype is not None:
+            positions.setdefault(dtype, []).append(i)
+    if len(positions) < 2:
+        return list(sum_fn(items))
+    summed = list(items)
+    for part in positions.values():
+        for i, s in zip(part, sum_fn([items[i] for i in part])):
+            summed[i] = s
+    return summed
 
 
 def local(strategy, value):

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from tf_adamax import _adapter
 from tf_adamax import _checks
+from tf_adamax import _distribute
 from tf_adamax import _hyper
 from tf_adamax import _math
 
@@ -337,13 +338,19 @@ class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
         # Keras 3's hook (private): the sum over replicas before the update.
         if self._sums_before_clipping():  # already summed, before clipping
             return list(grads_and_vars)
-        return super()._all_reduce_sum_gradients(grads_and_vars)
+        # One sum per gradient dtype (`_distribute.sum_per_dtype`).
+        return _distribute.sum_per_dtype(
+            super()._all_reduce_sum_gradients, list(grads_and_vars),
+            lambda pair: None if pair[0] is None else pair[0].dtype)
 
     def _sum_over_replicas(self, grads):
-        present = [g for g in grads if g is not None]
-        summed = iter(tf.distribute.get_replica_context().all_reduce(
-            tf.distribute.ReduceOp.SUM, present) if present else [])
-        return [None if g is None else next(summed) for g in grads]
+        def sum_fn(part):
+            present = [g for g in part if g is not None]
+            summed = iter(tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, present) if present else [])
+            return [None if g is None else next(summed) for g in part]
+        return _distribute.sum_per_dtype(
+            sum_fn, list(grads), lambda g: None if g is None else g.dtype)
 
     def _clip_gradients(self, grads):
         # Keras 3's hook (private) for clipping. Its global-norm clipping

@@ -19,6 +19,7 @@ import tf_keras
 
 from tf_adamax import _adapter
 from tf_adamax import _checks
+from tf_adamax import _distribute
 from tf_adamax import _hyper
 from tf_adamax import _math
 
@@ -295,6 +296,14 @@ class Adamax(_adapter.KernelUpdates, tf_keras.optimizers.Optimizer):
                 stacklevel=2)
             config["clipvalue"] = None
         return super().from_config(config, custom_objects=custom_objects)
+
+    def aggregate_gradients(self, grads_and_vars):
+        """Sums the gradients over replicas, one sum per gradient dtype
+        (tf-keras packs them all into one buffer, which fails when a model
+        mixes float16 and float32 variables)."""
+        return _distribute.sum_per_dtype(
+            super().aggregate_gradients, list(grads_and_vars),
+            lambda pair: None if pair[0] is None else pair[0].dtype)
 
     def _clip_gradients(self, grads):
         # tf-keras's hook between gradient aggregation and clipping (private,
