@@ -152,6 +152,37 @@ def child_adapters(strategies, libs, bad_cases):
                     after = values(opt, table, bias)
                     rec[f"{case}:unchanged"] = all(
                         np.array_equal(a, b) for a, b in zip(before, after))
+    # Mirrored variables updated from the cross-replica context (outside
+    # strategy.run, with a gradient the user reduced): a clear error and no
+    # change, as in the core.
+    strategy, _ = _make_strategy(tf, "mirrored")
+    for lib in libs:
+        opt_class, var_class = adapters[lib]
+        for where in ("outside_scope", "in_scope", "function"):
+            with strategy.scope():
+                var = var_class(np.array([0.0, 1.0], "float32"), name="cr_w")
+                opt = opt_class(learning_rate=LR)
+                opt.build([var])
+
+            def call(opt=opt, var=var):
+                opt.apply_gradients([(tf.constant([-2.0, -2.0]), var)])
+
+            try:
+                if where == "in_scope":
+                    with strategy.scope():
+                        call()
+                elif where == "function":
+                    tf.function(lambda call=call: call())()  # no tf args
+                else:
+                    call()
+                raised = ""
+            except Exception as e:  # noqa: BLE001 - recorded
+                raised = f"{type(e).__name__}: {str(e)[-700:]}"
+            results[f"cross-replica-{lib}-{where}"] = {
+                "raised": raised, "iterations": int(np.array(opt.iterations)),
+                "copies": [np.array(c).tolist() for c in
+                           strategy.experimental_local_results(
+                               var.value if lib == "keras3" else var)]}
     # Without a strategy, variables on another device than the optimizer's
     # own (iterations, learning rate): the compiled update runs on theirs.
     for lib in libs:
@@ -254,3 +285,18 @@ def test_adapter_updates_a_variable_on_another_device(adapter_results, lib,
         ref.apply({"far": np.array([1.0, -1.0])})
     np.testing.assert_allclose(rec["values"], ref.w["far"], rtol=1e-6)
     assert rec["iterations"] == 2
+
+
+@pytest.mark.parametrize("lib", LIBS)
+@pytest.mark.parametrize("where", ["outside_scope", "in_scope", "function"])
+def test_mirrored_variables_outside_strategy_run_are_a_clear_error(
+        adapter_results, lib, where):
+    # tf-keras's path updated each copy with the one gradient (its copies
+    # then differed), failed inside XLA with a device error naming no fix
+    # (after counting the step, in a tf.function), or on a missing
+    # merge_call; as in the core, it now raises first and changes nothing.
+    rec = dh.check_record(adapter_results[f"cross-replica-{lib}-{where}"])
+    assert "mirrored on 2 devices" in rec["raised"], rec["raised"]
+    assert "strategy.run" in rec["raised"] and "cr_w" in rec["raised"]
+    assert rec["iterations"] == 0
+    assert rec["copies"] == [[0.0, 1.0], [0.0, 1.0]]

@@ -126,6 +126,54 @@ def test_zero_epsilon_is_accepted_with_a_warning(front):
         _front(front)(epsilon=1e-7)  # no warning otherwise
 
 
+def _pair_kinds(front):
+    """A plain variable for `front` (Keras 3 variables for its adapter)."""
+    import keras
+    return (lambda v: keras.Variable(v)) if front == "keras3" else tf.Variable
+
+
+# The Keras 3 adapter takes no jit_compile (Keras compiles the train step).
+_FRONT_JIT = [("core", True), ("core", False), ("keras3", None),
+              ("tf_keras", True), ("tf_keras", False)]
+
+
+@pytest.mark.parametrize("front,jit", _FRONT_JIT,
+                         ids=[f"{f}-jit={j}" for f, j in _FRONT_JIT])
+@pytest.mark.parametrize("case", ("sparse_tensor", "slices_of_a_scalar"))
+def test_gradients_of_the_wrong_kind_name_the_fix_and_change_nothing(
+        front, jit, case):
+    # A tf.SparseTensor (not IndexedSlices) failed in the middle of a
+    # jit_compile=False step, after other variables were updated; an
+    # IndexedSlices for a scalar variable raised a bare IndexError.
+    make = _pair_kinds(front)
+    other = make(np.array([5.0, 5.0], np.float32))
+    if case == "sparse_tensor":
+        var = make(np.array([1.0, 2.0], np.float32))
+        grad = tf.sparse.from_dense(tf.constant([1.0, 0.0]))
+        error, words = TypeError, ("SparseTensor", "tf.sparse.to_dense")
+    else:
+        var = make(np.float32(3.0))
+        grad = tf.IndexedSlices(tf.constant([1.0]), tf.constant([0]))
+        error, words = ValueError, ("scalar", "dense gradient")
+    opt = _front(front)(learning_rate=0.1, **(
+        {} if jit is None else {"jit_compile": jit}))
+    with pytest.raises(error, match=_mentions(*words)):
+        opt.apply_gradients([(tf.constant([1.0, 1.0]), other), (grad, var)])
+    np.testing.assert_array_equal(np.asarray(other.numpy()), [5.0, 5.0])
+    assert int(opt.iterations.numpy()) == 0
+
+
+@pytest.mark.parametrize("front", ("core", "keras3", "tf_keras"))
+def test_a_keras_variable_as_the_gradient_is_its_value(front):
+    # As Keras's own optimizers take it (it raised an AttributeError).
+    import keras
+    make = _pair_kinds(front)
+    var = make(np.array([1.0, 2.0], np.float32))
+    opt = _front(front)(learning_rate=0.1)
+    opt.apply_gradients([(keras.Variable([1.0, -1.0]), var)])
+    np.testing.assert_allclose(np.asarray(var.numpy()), [0.9, 2.1], rtol=1e-6)
+
+
 def test_a_value_instead_of_a_variable_names_the_fix():
     var = tf.Variable([1.0, 2.0], name="w")
     with pytest.raises(TypeError, match=_mentions(

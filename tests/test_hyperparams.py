@@ -322,6 +322,25 @@ def test_setting_the_same_rate_object_after_tracing_is_allowed():
     opt.learning_rate = schedule  # nothing changes: no error
 
 
+@pytest.mark.parametrize("jit", (False, True))
+@pytest.mark.parametrize("traced", (False, True))
+def test_keras_variable_rate_is_read_at_each_step(jit, traced):
+    # A Keras 3 variable as the rate is its tf.Variable, read at each step,
+    # as a tf.Variable rate is (it was copied once, so assigning 0 later
+    # changed nothing).
+    rate = keras.Variable(0.1, dtype="float64")
+    var = tf.Variable([0.0, 0.0])
+    opt = make_optimizer("jit" if jit else "eager", learning_rate=rate)
+    step = lambda: opt.apply_gradients([(tf.constant([1.0, -1.0]), var)])
+    step = tf.function(step) if traced else step
+    step()
+    np.testing.assert_allclose(var.numpy(), [-0.1, 0.1], rtol=1e-6)
+    rate.assign(0.0)
+    step()
+    np.testing.assert_allclose(var.numpy(), [-0.1, 0.1], rtol=1e-6)
+    assert opt.learning_rate == 0.0
+
+
 def test_user_rate_variable_error_says_to_assign_it():
     rate = tf.Variable(0.1, dtype=tf.float64)
     var = tf.Variable([1.0, -1.0])

@@ -51,7 +51,12 @@ def check_float(var):
 def tensor_slices(grad):
     """`grad` with tensor parts, if it is an IndexedSlices built by hand
     from NumPy arrays or lists (as `tf.convert_to_tensor` and the Keras
-    optimizers accept it); any other gradient as is."""
+    optimizers accept it), or the value of a Keras 3 variable passed as a
+    gradient (as Keras's own optimizers accept it); any other gradient as
+    is."""
+    if isinstance(getattr(grad, "value", None), tf.Variable) and \
+            not isinstance(grad, tf.Variable):
+        return tf.convert_to_tensor(grad)
     shape = grad.dense_shape if isinstance(grad, tf.IndexedSlices) else None
     if not isinstance(grad, tf.IndexedSlices) or (
             tf.is_tensor(grad.values) and tf.is_tensor(grad.indices)
@@ -66,7 +71,18 @@ def check_pair(grad, var):
     """Static checks of one (gradient, variable) pair; raises naming var."""
     check_variable(var)
     name = _distribute.name(var)
+    if isinstance(grad, tf.SparseTensor):
+        raise TypeError(
+            f"Gradient for variable {name!r} is a tf.SparseTensor; expected "
+            "a dense tensor or a tf.IndexedSlices of rows of the variable. "
+            "Pass tf.sparse.to_dense(grad), or tf.IndexedSlices(values, "
+            "row_indices, dense_shape) for a sparse update.")
     if isinstance(grad, tf.IndexedSlices):
+        if var.shape.rank == 0:
+            raise ValueError(
+                f"IndexedSlices gradient for variable {name!r}, a scalar: "
+                "sparse gradients name rows, and a scalar has none. Pass a "
+                "dense gradient (tf.convert_to_tensor(grad)).")
         values_shape = grad.values.shape
         if not values_shape[1:].is_compatible_with(var.shape[1:]):
             raise ValueError(

@@ -294,6 +294,7 @@ class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
         grads = [_checks.tensor_slices(g) for g in grads]
         if trainable_variables is not None:
             trainable_variables = list(trainable_variables)  # read twice
+            _distribute.check_replica_context(trainable_variables)
         if trainable_variables is not None and not self.built:
             # As Keras's `apply` would, but outside the checks' control
             # dependencies: slots created under them could not be lifted

@@ -169,7 +169,10 @@ class Adamax(tf.Module):
     # Hyperparameters
     # ------------------------------------------------------------------
     def _set_lr(self, learning_rate):
-        learning_rate = _hyper.check_learning_rate(learning_rate)
+        # A Keras 3 variable: its tf.Variable, read at each step (a copy of
+        # its value would not see a later assign).
+        learning_rate = _hyper.check_learning_rate(
+            _distribute.unwrap(learning_rate))
         self._check_lr_change(learning_rate)
         if isinstance(learning_rate, tf.Variable):
             self._lr_source = None

@@ -253,6 +253,10 @@ class Adamax(_adapter.KernelUpdates, tf_keras.optimizers.Optimizer):
                           for g, v in grads_and_vars]
         grads = [g for g, _ in grads_and_vars]
         variables = [v for _, v in grads_and_vars]
+        # Mirrored variables outside `strategy.run`: tf-keras would update
+        # each copy with the one gradient (or fail inside XLA, or in the
+        # strategy's scope on a missing merge_call) instead.
+        _distribute.check_replica_context(variables)
         checks = _checks.checked_before_keras(grads, variables)
         self._check_known([v for g, v in grads_and_vars if g is not None])
         self._lazy_decay = _hyper.lazy_decay_keys(
