@@ -103,17 +103,27 @@ def test_ema_momentum_bounds_are_closed_as_in_keras(front):
         assert opt.get_config()["ema_momentum"] == momentum
 
 
-@pytest.mark.parametrize("front", ("keras3", "tf_keras"))
+@pytest.mark.parametrize("front", ("core", "keras3", "tf_keras"))
 @pytest.mark.parametrize("zero", (0, 0.0, False))
-def test_adapters_read_an_ema_overwrite_frequency_of_zero_as_off(front, zero):
+def test_an_ema_overwrite_frequency_of_zero_is_off(front, zero):
     # As Keras reads it (it checks only a truthy value; configs Keras saved
-    # may hold 0); the core refuses a zero.
+    # may hold 0); the core refused a zero before.
     opt = _front(front)(use_ema=True, ema_overwrite_frequency=zero)
-    assert opt.ema_overwrite_frequency is None
-    with pytest.raises(ValueError, match="ema_overwrite_frequency"):
-        tf_adamax.Adamax(use_ema=True, ema_overwrite_frequency=zero)
+    assert opt.get_config()["ema_overwrite_frequency"] is None
     with pytest.raises(ValueError, match="ema_overwrite_frequency"):
         _front(front)(use_ema=True, ema_overwrite_frequency=-1)
+
+
+@pytest.mark.parametrize("arg", ("clipnorm", "clipvalue", "global_clipnorm"))
+def test_the_core_reads_a_clip_of_zero_as_off(arg):
+    # Keras 3's meaning, which DESIGN's keyword arguments follow (and what
+    # both adapters do, `check_zero_clip_is_off` in their tests).
+    from keras_cases import check_zero_clip_is_off
+    check_zero_clip_is_off(tf_adamax.Adamax, arg)
+    assert tf_adamax.Adamax(**{arg: 0}).get_config()[arg] is None
+    # Zero is not a second clip option.
+    other = "clipvalue" if arg != "clipvalue" else "clipnorm"
+    tf_adamax.Adamax(**{arg: 0.0, other: 1.0})
 
 
 @pytest.mark.parametrize("front", ("core", "keras3", "tf_keras"))

@@ -249,6 +249,33 @@ def test_tf_keras_config_with_a_norm_clip_and_clipvalue_still_loads():
     assert (opt.clipnorm, opt.clipvalue) == (1.0, None)
 
 
+@pytest.mark.parametrize("front", ("core", "keras3", "tf_keras"))
+@pytest.mark.parametrize("overwrite", (None, 2))
+def test_lazy_rows_never_named_keep_their_weights_through_the_ema(
+        front, overwrite):
+    # A lazy step leaves unnamed rows bit for bit; so must the weight EMA
+    # swapped in by finalize_variable_values or ema_overwrite_frequency.
+    # tf-keras's `m * avg + (1 - m) * w` moved such rows by a rounding.
+    import tf_adamax.keras
+    import tf_adamax.tf_keras
+    cls, make = {"core": (tf_adamax.Adamax, tf.Variable),
+                 "keras3": (tf_adamax.keras.Adamax, keras.Variable),
+                 "tf_keras": (tf_adamax.tf_keras.Adamax, tf.Variable)}[front]
+    w0 = np.random.default_rng(0).standard_normal((50, 3)).astype(np.float32)
+    table = make(w0)
+    opt = cls(0.1, sparse_mode="lazy", use_ema=True, ema_momentum=0.99,
+              ema_overwrite_frequency=overwrite)
+    grad = tf.IndexedSlices(tf.ones([2, 3]), tf.constant([1, 3]),
+                            tf.constant([50, 3]))
+    for _ in range(5):
+        opt.apply_gradients([(grad, table)])
+    opt.finalize_variable_values([table])
+    after = np.asarray(table.numpy())
+    untouched = [i for i in range(50) if i not in (1, 3)]
+    np.testing.assert_array_equal(after[untouched], w0[untouched])
+    assert not np.array_equal(after[[1, 3]], w0[[1, 3]])
+
+
 def test_finalize_without_ema_is_a_no_op(rng):
     variables, _ = _vars(rng)
     opt = make_optimizer("eager", learning_rate=0.02)

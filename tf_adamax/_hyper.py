@@ -128,22 +128,21 @@ def check_adamax(beta_1, beta_2, epsilon, sparse_mode, warn=True):
 
 def check_keras_options(ema_momentum, ema_overwrite_frequency,
                         loss_scale_factor=None,
-                        gradient_accumulation_steps=None,
-                        zero_is_off=False):
+                        gradient_accumulation_steps=None):
     """The checks of the Keras 3 keyword options every front end shares
     (Keras itself lets a zero loss scale or a fractional step count through
     to the first step). Returns `(ema_overwrite_frequency,
     gradient_accumulation_steps)` as ints or None.
 
-    `zero_is_off`: the Keras adapters read a zero `ema_overwrite_frequency`
-    (0, 0.0 or False) as "never", as Keras does (it only checks a truthy
-    value; configs saved by Keras may hold one).
+    A zero `ema_overwrite_frequency` (0, 0.0 or False) means "never", as in
+    Keras (it only checks a truthy value; configs saved by Keras may hold
+    one).
     """
     check_scalar("ema_momentum", ema_momentum, low=0.0, high=1.0,
                  high_open=False)
     check_scalar("loss_scale_factor", loss_scale_factor, low=0.0,
                  low_open=True, high=None, allow_none=True)
-    if zero_is_off and isinstance(ema_overwrite_frequency, numbers.Number) \
+    if isinstance(ema_overwrite_frequency, numbers.Number) \
             and ema_overwrite_frequency == 0:
         ema_overwrite_frequency = None
     return (check_positive_int("ema_overwrite_frequency",
@@ -153,21 +152,22 @@ def check_keras_options(ema_momentum, ema_overwrite_frequency,
 
 
 def check_update_options(learning_rate, weight_decay, clipnorm, clipvalue,
-                         global_clipnorm, zero_clip_is_off=False):
+                         global_clipnorm):
     """The Keras 3 keyword checks every front end shares (the Keras base
     classes themselves accept a negative or NaN rate, decay or clip).
 
-    `zero_clip_is_off`: the Keras adapters accept a clip value of 0, which
-    Keras reads as "no clipping" (configs saved by Keras may hold it).
+    A clip value of 0 means "no clipping", as in Keras (configs saved by
+    Keras may hold it). Returns `(clipnorm, clipvalue, global_clipnorm)`
+    with such zeros as None.
     """
     check_learning_rate(learning_rate)
     check_scalar("weight_decay", weight_decay, low=0.0, high=None,
                  high_open=False, allow_none=True)
-    if zero_clip_is_off:
-        clipnorm, clipvalue, global_clipnorm = (
-            None if (isinstance(x, numbers.Number) and x == 0) else x
-            for x in (clipnorm, clipvalue, global_clipnorm))
+    clipnorm, clipvalue, global_clipnorm = (
+        None if (isinstance(x, numbers.Number) and x == 0) else x
+        for x in (clipnorm, clipvalue, global_clipnorm))
     check_clipping(clipnorm, clipvalue, global_clipnorm)
+    return clipnorm, clipvalue, global_clipnorm
 
 
 def check_positive_int(name, value, minimum):

@@ -475,3 +475,11 @@ def apply_gradient(var, m, u, grad, hyper: Hyper, sparse_mode):
                   hyper, sparse_mode)
     else:
         dense_step(var, m, u, grad, hyper)
+
+
+def moving_average(average, value, momentum):
+    """`momentum * average + (1 - momentum) * value` (Keras's weight EMA),
+    written as a step from the average: where the value has not moved from
+    its average (a row no lazy step named) the average stays bit for bit,
+    which the two-product form misses by a rounding."""
+    return average + (1 - momentum) * (value - average)

@@ -245,9 +245,9 @@ def _ema(config, states, updates):
         not_first = tf.cast(tf.not_equal(updates, 0), s.average.dtype)
         momentum = not_first * _math.as_dtype(
             config.ema_momentum, s.average.dtype)
-        s.average.assign(
-            momentum * s.average + (1 - momentum) * tf.cast(
-                s.var, s.average.dtype), read_value=False)
+        s.average.assign(_math.moving_average(
+            s.average, tf.cast(s.var, s.average.dtype), momentum),
+            read_value=False)
     if config.ema_overwrite_frequency:
         freq = config.ema_overwrite_frequency
 

@@ -165,12 +165,11 @@ class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
         # Validate before any variable exists: a typo leaves nothing behind.
         _hyper.check_adamax(beta_1, beta_2, epsilon, sparse_mode)
         _hyper.check_update_options(learning_rate, weight_decay, clipnorm,
-                                    clipvalue, global_clipnorm,
-                                    zero_clip_is_off=True)
+                                    clipvalue, global_clipnorm)
         ema_overwrite_frequency, gradient_accumulation_steps = (
             _hyper.check_keras_options(
                 ema_momentum, ema_overwrite_frequency, loss_scale_factor,
-                gradient_accumulation_steps, zero_is_off=True))
+                gradient_accumulation_steps))
         super().__init__(
             learning_rate=learning_rate,
             weight_decay=weight_decay,
@@ -321,6 +320,23 @@ class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
                      if isinstance(g, tf.IndexedSlices) else g for g in grads]
         with tf.control_dependencies(checks):
             return super().apply(grads, trainable_variables)
+
+    def _update_model_variables_moving_average(self, trainable_variables):
+        # Keras 3's hook (private) for its weight EMA, with the average
+        # taken as `_math.moving_average` does: Keras's two-product form
+        # moves the rows a lazy step never named by a rounding now and then.
+        if not self.use_ema:
+            return
+        not_first = tf.not_equal(self.iterations, 0)
+        for var, average in zip(trainable_variables,
+                                self._model_variables_moving_average):
+            if average is None:
+                continue
+            dtype = tf.as_dtype(average.dtype)
+            average.assign(_math.moving_average(
+                tf.convert_to_tensor(average), tf.cast(var, dtype),
+                tf.cast(not_first, dtype) * _math.as_dtype(
+                    self.ema_momentum, dtype)))
 
     def _clips(self):
         return any(x is not None and x > 0 for x in (

@@ -59,13 +59,17 @@ class Adamax(tf.Module):
         whose gradients were all zero would become 0 / 0 = NaN).
       weight_decay: decoupled weight decay `w -= w * weight_decay * lr`
         before the step (lazy mode: on the named rows only).
-      clipnorm: clip each gradient to this L2 norm.
-      clipvalue: clip each gradient element to [-clipvalue, clipvalue].
-      global_clipnorm: clip all gradients to this joint L2 norm.
+      clipnorm: clip each gradient to this L2 norm (0 or None: off, as in
+        Keras).
+      clipvalue: clip each gradient element to [-clipvalue, clipvalue] (0
+        or None: off).
+      global_clipnorm: clip all gradients to this joint L2 norm (0 or None:
+        off).
       use_ema: keep an exponential moving average of the weights.
       ema_momentum: the EMA's momentum.
       ema_overwrite_frequency: every this many steps, copy the EMA into the
-        weights; None copies only in `finalize_variable_values`.
+        weights; None (or 0, as in Keras) copies only in
+        `finalize_variable_values`.
       loss_scale_factor: gradients are divided by it (the loss is multiplied
         by it in `minimize` / `scale_loss`).
       gradient_accumulation_steps: update every N calls with the mean of the
@@ -118,8 +122,8 @@ class Adamax(tf.Module):
         beta_1, beta_2, epsilon = (_distribute.unwrap(x)
                                    for x in (beta_1, beta_2, epsilon))
         _hyper.check_adamax(beta_1, beta_2, epsilon, sparse_mode)
-        _hyper.check_update_options(learning_rate, weight_decay, clipnorm,
-                                    clipvalue, global_clipnorm)
+        clipnorm, clipvalue, global_clipnorm = _hyper.check_update_options(
+            learning_rate, weight_decay, clipnorm, clipvalue, global_clipnorm)
         ema_overwrite_frequency, gradient_accumulation_steps = (
             _hyper.check_keras_options(
                 ema_momentum, ema_overwrite_frequency, loss_scale_factor,

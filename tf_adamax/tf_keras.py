@@ -136,10 +136,9 @@ class Adamax(_adapter.KernelUpdates, tf_keras.optimizers.Optimizer):
         # Validate before any variable exists: a typo leaves nothing behind.
         _hyper.check_adamax(beta_1, beta_2, epsilon, sparse_mode)
         _hyper.check_update_options(learning_rate, weight_decay, clipnorm,
-                                    clipvalue, global_clipnorm,
-                                    zero_clip_is_off=True)
+                                    clipvalue, global_clipnorm)
         ema_overwrite_frequency, _ = _hyper.check_keras_options(
-            ema_momentum, ema_overwrite_frequency, zero_is_off=True)
+            ema_momentum, ema_overwrite_frequency)
         super().__init__(
             name=name,
             weight_decay=weight_decay,
@@ -300,6 +299,23 @@ class Adamax(_adapter.KernelUpdates, tf_keras.optimizers.Optimizer):
                 stacklevel=2)
             config["clipvalue"] = None
         return super().from_config(config, custom_objects=custom_objects)
+
+    def _update_model_variables_moving_average(self, var_list):
+        # tf-keras's hook (private) for its weight EMA, with the average
+        # taken as `_math.moving_average` does: tf-keras's two-product form
+        # moved the rows a lazy step never named by a rounding each step.
+        if not self.use_ema:
+            return
+
+        def update_average(average, var):
+            average.assign(_math.moving_average(
+                average, var, tf.cast(self.ema_momentum, average.dtype)))
+
+        for var in var_list:
+            average = self._model_variables_moving_average[
+                self._index_dict[self._var_key(var)]]
+            self._distribution_strategy.extended.update(
+                average, update_average, args=(var,), group=False)
 
     def aggregate_gradients(self, grads_and_vars):
         """Sums the gradients over replicas, one sum per gradient dtype
