@@ -158,7 +158,10 @@ def child_adapters(strategies, libs, bad_cases):
     strategy, _ = _make_strategy(tf, "mirrored")
     for lib in libs:
         opt_class, var_class = adapters[lib]
-        for where in ("outside_scope", "in_scope", "function"):
+        wheres = ["outside_scope", "in_scope", "function"]
+        if lib == "keras3":
+            wheres.append("apply_without_variables")  # Keras 3's apply(grads)
+        for where in wheres:
             with strategy.scope():
                 var = var_class(np.array([0.0, 1.0], "float32"), name="cr_w")
                 opt = opt_class(learning_rate=LR)
@@ -173,6 +176,8 @@ def child_adapters(strategies, libs, bad_cases):
                         call()
                 elif where == "function":
                     tf.function(lambda call=call: call())()  # no tf args
+                elif where == "apply_without_variables":
+                    opt.apply([tf.constant([-2.0, -2.0])])
                 else:
                     call()
                 raised = ""
@@ -183,6 +188,24 @@ def child_adapters(strategies, libs, bad_cases):
                 "copies": [np.array(c).tolist() for c in
                            strategy.experimental_local_results(
                                var.value if lib == "keras3" else var)]}
+    # A MirroredStrategy of one device: nothing to sum, so a call outside
+    # strategy.run is fine (as in the core). Keras 3 itself wants
+    # strategy.run for a strategy's variables (outside the scope: "Need to
+    # be inside strategy.scope()"; inside: no merge_call), so tf-keras only.
+    single = tf.distribute.MirroredStrategy(["/cpu:0"])
+    for lib in [lib for lib in libs if lib == "tf_keras"]:
+        opt_class, var_class = adapters[lib]
+        with single.scope():
+            var = var_class(np.array([1.0, 2.0], "float32"), name="single_w")
+            opt = opt_class(learning_rate=LR)
+        try:
+            for _ in range(2):
+                opt.apply_gradients([(tf.constant([1.0, -1.0]), var)])
+            got = np.array(var).tolist()
+        except Exception as e:  # noqa: BLE001 - recorded
+            got = f"{type(e).__name__}: {str(e)[:300]}"
+        results[f"single-mirrored-{lib}"] = {
+            "values": got, "iterations": int(np.array(opt.iterations))}
     # Without a strategy, variables on another device than the optimizer's
     # own (iterations, learning rate): the compiled update runs on theirs.
     for lib in libs:
@@ -277,18 +300,25 @@ def test_adapter_updates_a_variable_on_another_device(adapter_results, lib,
     # The built-ins can; the compiled update used to read the optimizer's
     # step inside the program, on the variable's device (a cross-device
     # resource error).
-    rec = dh.check_record(adapter_results[f"device-{lib}-{graph}"])
+    _check_two_steps(adapter_results[f"device-{lib}-{graph}"])
+
+
+def _check_two_steps(rec):
+    """Two steps of [1, -1] on [1, 2], against the reference."""
+    rec = dh.check_record(rec)
     assert not isinstance(rec["values"], str), rec["values"]
     ref = AdamaxReference(learning_rate=LR)
-    ref.add_variable("far", np.array([1.0, 2.0]), np.float32)
+    ref.add_variable("w", np.array([1.0, 2.0]), np.float32)
     for _ in range(2):
-        ref.apply({"far": np.array([1.0, -1.0])})
-    np.testing.assert_allclose(rec["values"], ref.w["far"], rtol=1e-6)
+        ref.apply({"w": np.array([1.0, -1.0])})
+    np.testing.assert_allclose(rec["values"], ref.w["w"], rtol=1e-6)
     assert rec["iterations"] == 2
 
 
-@pytest.mark.parametrize("lib", LIBS)
-@pytest.mark.parametrize("where", ["outside_scope", "in_scope", "function"])
+@pytest.mark.parametrize("lib,where", [
+    (lib, where) for lib in LIBS
+    for where in ("outside_scope", "in_scope", "function")]
+    + [("keras3", "apply_without_variables")])
 def test_mirrored_variables_outside_strategy_run_are_a_clear_error(
         adapter_results, lib, where):
     # tf-keras's path updated each copy with the one gradient (its copies
@@ -300,3 +330,9 @@ def test_mirrored_variables_outside_strategy_run_are_a_clear_error(
     assert "strategy.run" in rec["raised"] and "cr_w" in rec["raised"]
     assert rec["iterations"] == 0
     assert rec["copies"] == [[0.0, 1.0], [0.0, 1.0]]
+
+
+def test_one_device_mirrored_variables_update_outside_strategy_run(
+        adapter_results):
+    # The refusal above is for copies on several devices only.
+    _check_two_steps(adapter_results["single-mirrored-tf_keras"])

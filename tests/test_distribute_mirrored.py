@@ -273,7 +273,10 @@ def child_shared_gradient(tf, strategy):
 MIXED_GRADS = (([0.5, -1.0, 0.25], [1.0, -2.0]),
                ([1.5, 0.75, -1.0], [-0.25, 3.0]))
 MIXED_INIT = ([1.0, -0.5, 2.0], [0.5, 1.5])
-MIXED_FRONTS = ("core/jit=True", "core/jit=False", "keras3", "tf_keras")
+# "+clip": a clip option that does not clip these gradients takes the
+# adapters' other sum (over replicas before clipping).
+MIXED_FRONTS = ("core/jit=True", "core/jit=False", "keras3", "tf_keras",
+                "core+clip", "keras3+clip", "tf_keras+clip")
 
 
 def child_mixed_dtypes(tf, strategy):
@@ -287,7 +290,11 @@ def child_mixed_dtypes(tf, strategy):
     make = {"core/jit=True": lambda: tf_adamax.Adamax(0.1),
             "core/jit=False": lambda: tf_adamax.Adamax(0.1, jit_compile=False),
             "keras3": lambda: tf_adamax.keras.Adamax(0.1),
-            "tf_keras": lambda: tf_adamax.tf_keras.Adamax(0.1)}
+            "tf_keras": lambda: tf_adamax.tf_keras.Adamax(0.1),
+            "core+clip": lambda: tf_adamax.Adamax(0.1, clipnorm=100.0),
+            "keras3+clip": lambda: tf_adamax.keras.Adamax(0.1, clipnorm=100.0),
+            "tf_keras+clip": lambda: tf_adamax.tf_keras.Adamax(
+                0.1, clipnorm=100.0)}
     grads = tf.constant([g16 + g32 for g16, g32 in MIXED_GRADS])
     out = {}
     for front in MIXED_FRONTS:
@@ -296,7 +303,7 @@ def child_mixed_dtypes(tf, strategy):
                 half = tf.Variable(tf.constant(MIXED_INIT[0], tf.float16))
                 full = tf.Variable(MIXED_INIT[1])
                 opt = make[front]()
-                if front == "keras3":  # Keras 3 cannot build in strategy.run
+                if front.startswith("keras3"):  # cannot build in strategy.run
                     opt.build([half, full])
 
             @tf.function

@@ -770,6 +770,26 @@ def test_float64_variables_are_exact():
     check_float64_variables_are_exact(Adamax, keras.Variable)
 
 
+def test_ema_with_a_variable_keras_overwrites_with_its_gradient():
+    # Such a variable has no EMA slot (None); the adapter's EMA skips it,
+    # as Keras's does, and the results equal the built-in's.
+    results = []
+    for cls in (keras.optimizers.Adamax, Adamax):
+        w = keras.Variable(np.ones(2, "float32"))
+        s = keras.Variable(np.zeros(2, "float32"))
+        s.overwrite_with_gradient = True
+        opt = cls(0.1, use_ema=True, ema_momentum=0.5)
+        for _ in range(3):
+            opt.apply_gradients([(tf.constant([1.0, -1.0]), w),
+                                 (tf.constant([5.0, 6.0]), s)])
+        average, none = opt._model_variables_moving_average
+        assert none is None
+        results.append([np.asarray(v.numpy()) for v in (w, s, average)])
+    np.testing.assert_array_equal(results[1][1], [5.0, 6.0])
+    for ours, builtin in zip(results[1], results[0]):
+        np.testing.assert_allclose(ours, builtin, rtol=1e-6)
+
+
 def test_accumulated_sparse_gradient_without_dense_shape():
     # Keras 3 densifies accumulated sparse gradients, which needs a
     # dense_shape; its own optimizers then fail with an error naming no

@@ -293,15 +293,16 @@ class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
         grads = [_checks.tensor_slices(g) for g in grads]
         if trainable_variables is not None:
             trainable_variables = list(trainable_variables)  # read twice
-            _distribute.check_replica_context(trainable_variables)
+        variables = (trainable_variables if trainable_variables is not None
+                     else getattr(self, "_trainable_variables", None))
+        if variables is not None:  # before anything is built
+            _distribute.check_replica_context(variables)
         if trainable_variables is not None and not self.built:
             # As Keras's `apply` would, but outside the checks' control
             # dependencies: slots created under them could not be lifted
             # out of the train function (XLA refuses such a function).
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
-        variables = (trainable_variables if trainable_variables is not None
-                     else getattr(self, "_trainable_variables", None))
         checks = (_checks.checked_before_keras(grads, variables)
                   if variables is not None else [])
         if variables is not None and self.gradient_accumulation_steps:
