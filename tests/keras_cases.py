@@ -245,22 +245,30 @@ def check_adamax_options_set_after_a_step_match_builtin(optimizer_class,
         np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
 
 
-def check_float64_variables_are_exact(optimizer_class, variable_class):
+def check_float64_variables_are_exact(optimizer_class, variable_class,
+                                      ema_from_initial=False):
     """float64 variables: the compiled update's betas and epsilon are exact
     float64 (a float32 beta_1 is off by ~1e-8 relative), as Python floats
-    are for the built-in Adamax."""
+    are for the built-in Adamax. `ema_from_initial`: the average starts at
+    the initial weights (tf-keras), not at the first step's (Keras 3)."""
     from reference import dense_step
 
     rng = np.random.default_rng(12)
     w = rng.normal(size=(4,))
     grads = rng.normal(size=(3, 4))
     var = variable_class(w.copy(), dtype="float64")
-    opt = optimizer_class(learning_rate=0.5)  # exact in float32 too
+    # And the weight EMA's momentum (a float32 0.99 is off by ~1e-8).
+    opt = optimizer_class(learning_rate=0.5,  # exact in float32 too
+                          use_ema=True, ema_momentum=0.99)
     m, u = np.zeros(4), np.zeros(4)
+    average = w.copy() if ema_from_initial else None
     for t, g in enumerate(grads):
         opt.apply_gradients([(tf.constant(g), var)])
         w, m, u = dense_step(w, m, u, g, 0.5, 0.9, 0.999, 1e-7, t + 1)
+        average = w if average is None else 0.99 * average + 0.01 * w
     np.testing.assert_allclose(np.array(var), w, rtol=1e-13, atol=0)
+    ema, = [v for v in opt.variables if "average" in v.name]
+    np.testing.assert_allclose(np.array(ema), average, rtol=1e-13, atol=0)
 
 
 def check_lazy_weight_decay_is_read_at_each_step(optimizer_class, variable_class):

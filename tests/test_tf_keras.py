@@ -609,4 +609,5 @@ def test_lazy_weight_decay_respects_exclusion_by_name():
 
 
 def test_float64_variables_are_exact():
-    check_float64_variables_are_exact(Adamax, tf.Variable)
+    check_float64_variables_are_exact(Adamax, tf.Variable,
+                                      ema_from_initial=True)

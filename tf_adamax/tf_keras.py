@@ -309,7 +309,8 @@ class Adamax(_adapter.KernelUpdates, tf_keras.optimizers.Optimizer):
 
         def update_average(average, var):
             average.assign(_math.moving_average(
-                average, var, tf.cast(self.ema_momentum, average.dtype)))
+                average, var, _math.as_dtype(self.ema_momentum,
+                                             average.dtype)))
 
         for var in var_list:
             average = self._model_variables_moving_average[
