@@ -114,6 +114,17 @@ def test_an_ema_overwrite_frequency_of_zero_is_off(front, zero):
         _front(front)(use_ema=True, ema_overwrite_frequency=-1)
 
 
+@pytest.mark.parametrize("front", ("core", "keras3"))
+def test_gradient_accumulation_steps_of_zero_is_off(front):
+    # Keras 3 reads 0 as off (its saved configs may hold it); both front
+    # ends that accumulate refused it.
+    var = tf.Variable([1.0, 2.0])
+    opt = _front(front)(learning_rate=0.1, gradient_accumulation_steps=0)
+    assert opt.get_config()["gradient_accumulation_steps"] is None
+    opt.apply_gradients([(tf.constant([1.0, -1.0]), var)])  # no waiting
+    np.testing.assert_allclose(var.numpy(), [0.9, 2.1], rtol=1e-6)
+
+
 @pytest.mark.parametrize("arg", ("clipnorm", "clipvalue", "global_clipnorm"))
 def test_the_core_reads_a_clip_of_zero_as_off(arg):
     # Keras 3's meaning, which DESIGN's keyword arguments follow (and what
@@ -121,6 +132,10 @@ def test_the_core_reads_a_clip_of_zero_as_off(arg):
     from keras_cases import check_zero_clip_is_off
     check_zero_clip_is_off(tf_adamax.Adamax, arg)
     assert tf_adamax.Adamax(**{arg: 0}).get_config()[arg] is None
+    # A constant tensor zero too, as the Keras built-ins take it.
+    assert tf_adamax.Adamax(**{arg: tf.constant(0.0)}).get_config()[arg] is None
+    for front in ("keras3", "tf_keras"):
+        _front(front)(**{arg: tf.constant(0.0)})
     # Zero is not a second clip option.
     other = "clipvalue" if arg != "clipvalue" else "clipnorm"
     tf_adamax.Adamax(**{arg: 0.0, other: 1.0})

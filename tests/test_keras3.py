@@ -401,7 +401,11 @@ def test_get_config_has_every_constructor_argument():
     assert config["sparse_mode"] == "lazy"
     assert config["name"] == "my_adamax"
     json.dumps(config)
-    assert Adamax().get_config()["name"] == "adamax"
+    # Numbered as Keras numbers its built-in's ("adamax", "adamax_1", ...):
+    # two default instances (a GAN's) get distinct names and paths.
+    first, second = Adamax(), Adamax()
+    assert first.get_config()["name"].startswith("adamax")
+    assert first.name != second.name
 
 
 @pytest.mark.parametrize("lr", ["float", "schedule"])
@@ -788,6 +792,30 @@ def test_ema_with_a_variable_keras_overwrites_with_its_gradient():
     np.testing.assert_array_equal(results[1][1], [5.0, 6.0])
     for ours, builtin in zip(results[1], results[0]):
         np.testing.assert_allclose(ours, builtin, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", ("unknown_shape", "shape_mismatch"))
+def test_a_failed_first_step_builds_nothing(case):
+    # The checks ran after Keras built the slots: a failed first step left
+    # the optimizer built (zeroed slots, or none for a variable of unknown
+    # shape, after Keras's own error), and a variable of unknown shape made
+    # it unusable ("Unknown variable" at the next step).
+    good = keras.Variable(np.ones(2, "float32"), name="good_w")
+    if case == "unknown_shape":
+        bad = tf.Variable(tf.zeros([3, 4]), shape=tf.TensorShape([None, 4]),
+                          name="bad_w")
+        grad = tf.ones([3, 4])
+    else:
+        bad = keras.Variable(np.ones((3, 4), "float32"), name="bad_w")
+        grad = tf.ones([1, 4])  # would broadcast
+    opt = Adamax(0.1)
+    with pytest.raises(ValueError, match="bad_w"):
+        opt.apply_gradients([(tf.ones([2]), good), (grad, bad)])
+    assert not opt.built
+    assert len(opt.variables) == 2  # iterations and learning rate only
+    np.testing.assert_array_equal(np.asarray(good.numpy()), [1.0, 1.0])
+    opt.apply_gradients([(tf.constant([1.0, -1.0]), good)])
+    np.testing.assert_allclose(np.asarray(good.numpy()), [0.9, 1.1], rtol=1e-6)
 
 
 def test_accumulated_sparse_gradient_without_dense_shape():

@@ -134,17 +134,17 @@ def check_keras_options(ema_momentum, ema_overwrite_frequency,
     to the first step). Returns `(ema_overwrite_frequency,
     gradient_accumulation_steps)` as ints or None.
 
-    A zero `ema_overwrite_frequency` (0, 0.0 or False) means "never", as in
-    Keras (it only checks a truthy value; configs saved by Keras may hold
-    one).
+    A zero `ema_overwrite_frequency` or `gradient_accumulation_steps` (0,
+    0.0 or False) means "off", as in Keras (it only checks a truthy value;
+    configs saved by Keras may hold one).
     """
     check_scalar("ema_momentum", ema_momentum, low=0.0, high=1.0,
                  high_open=False)
     check_scalar("loss_scale_factor", loss_scale_factor, low=0.0,
                  low_open=True, high=None, allow_none=True)
-    if isinstance(ema_overwrite_frequency, numbers.Number) \
-            and ema_overwrite_frequency == 0:
-        ema_overwrite_frequency = None
+    ema_overwrite_frequency, gradient_accumulation_steps = (
+        None if isinstance(x, numbers.Number) and x == 0 else x
+        for x in (ema_overwrite_frequency, gradient_accumulation_steps))
     return (check_positive_int("ema_overwrite_frequency",
                                ema_overwrite_frequency, 1),
             check_positive_int("gradient_accumulation_steps",
@@ -164,7 +164,8 @@ def check_update_options(learning_rate, weight_decay, clipnorm, clipvalue,
     check_scalar("weight_decay", weight_decay, low=0.0, high=None,
                  high_open=False, allow_none=True)
     clipnorm, clipvalue, global_clipnorm = (
-        None if (isinstance(x, numbers.Number) and x == 0) else x
+        None if (isinstance(x, numbers.Number) and x == 0)
+        or _constant_value(x) == 0 else x
         for x in (clipnorm, clipvalue, global_clipnorm))
     check_clipping(clipnorm, clipvalue, global_clipnorm)
     return clipnorm, clipvalue, global_clipnorm

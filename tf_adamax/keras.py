@@ -116,8 +116,10 @@ class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
       loss_scale_factor: If set, the loss is multiplied and the gradients
         divided by it.
       gradient_accumulation_steps: If an int >= 2, update every this many
-        steps with the mean of the accumulated gradients.
-      name: Name of the optimizer (prefix of its variables' names).
+        steps with the mean of the accumulated gradients (0 or None: off).
+      name: Name of the optimizer (prefix of its variables' names); by
+        default "adamax", numbered ("adamax_1", ...) as Keras numbers the
+        built-in's.
       sparse_mode: `"exact"` or `"lazy"`, see above.
       **kwargs: Other `keras.optimizers.Optimizer` arguments; unknown
         names raise, as in Keras.
@@ -158,7 +160,7 @@ class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
         ema_overwrite_frequency=None,
         loss_scale_factor=None,
         gradient_accumulation_steps=None,
-        name="adamax",
+        name=None,
         sparse_mode="exact",
         **kwargs,
     ):
@@ -295,16 +297,16 @@ class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
             trainable_variables = list(trainable_variables)  # read twice
         variables = (trainable_variables if trainable_variables is not None
                      else getattr(self, "_trainable_variables", None))
+        checks = []
         if variables is not None:  # before anything is built
             _distribute.check_replica_context(variables)
+            checks = _checks.checked_before_keras(grads, variables)
         if trainable_variables is not None and not self.built:
             # As Keras's `apply` would, but outside the checks' control
             # dependencies: slots created under them could not be lifted
             # out of the train function (XLA refuses such a function).
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
-        checks = (_checks.checked_before_keras(grads, variables)
-                  if variables is not None else [])
         if variables is not None and self.gradient_accumulation_steps:
             # Keras 3 densifies accumulated sparse gradients, which needs
             # their dense_shape: a checked gradient's is its variable's.

@@ -73,7 +73,7 @@ class Adamax(tf.Module):
       loss_scale_factor: gradients are divided by it (the loss is multiplied
         by it in `minimize` / `scale_loss`).
       gradient_accumulation_steps: update every N calls with the mean of the
-        N gradients. `iterations` then counts updates (calls // N), as Keras
+        N gradients (0 or None: off, as in Keras). `iterations` then counts updates (calls // N), as Keras
         3 reports it, so that t = iterations + 1 still holds; a schedule is
         called with the number of calls, as in Keras 3. Sparse gradients are
         accumulated densely.
@@ -529,9 +529,17 @@ class Adamax(tf.Module):
           The `iterations` variable.
 
         Raises:
-          TypeError: a variable is not floating point.
-          ValueError: a gradient's shape does not match its variable's, or
-            no gradient is given.
+          TypeError: a variable is not floating point, a gradient is a
+            `tf.SparseTensor` or has integer values, or sparse indices are
+            not int32/int64.
+          ValueError: a gradient's shape (or an `IndexedSlices`'
+            `dense_shape`) does not match its variable's, an `IndexedSlices`
+            is given for a scalar, a variable's shape is not fully defined
+            or it belongs to another strategy, or no gradient is given.
+          RuntimeError: mirrored variables are updated outside
+            `strategy.run`, or inside an XLA-compiled replica function.
+          tf.errors.InvalidArgumentError: sparse indices are out of range
+            (or a shape known only at run time does not match).
         """
         grads, variables = self._filter(grads_and_vars)
         for g, v in zip(grads, variables):
