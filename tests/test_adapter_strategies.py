@@ -158,14 +158,15 @@ def child_adapters(strategies, libs, bad_cases):
     strategy, _ = _make_strategy(tf, "mirrored")
     for lib in libs:
         opt_class, var_class = adapters[lib]
-        wheres = ["outside_scope", "in_scope", "function"]
+        wheres = ["outside_scope", "in_scope", "function", "unbuilt"]
         if lib == "keras3":
             wheres.append("apply_without_variables")  # Keras 3's apply(grads)
         for where in wheres:
             with strategy.scope():
                 var = var_class(np.array([0.0, 1.0], "float32"), name="cr_w")
                 opt = opt_class(learning_rate=LR)
-                opt.build([var])
+                if where != "unbuilt":  # refused before anything is built
+                    opt.build([var])
 
             def call(opt=opt, var=var):
                 opt.apply_gradients([(tf.constant([-2.0, -2.0]), var)])
@@ -185,6 +186,8 @@ def child_adapters(strategies, libs, bad_cases):
                 raised = f"{type(e).__name__}: {str(e)[-700:]}"
             results[f"cross-replica-{lib}-{where}"] = {
                 "raised": raised, "iterations": int(np.array(opt.iterations)),
+                "built": bool(getattr(opt, "built", False)
+                              or getattr(opt, "_built", False)),
                 "copies": [np.array(c).tolist() for c in
                            strategy.experimental_local_results(
                                var.value if lib == "keras3" else var)]}
@@ -317,7 +320,7 @@ def _check_two_steps(rec):
 
 @pytest.mark.parametrize("lib,where", [
     (lib, where) for lib in LIBS
-    for where in ("outside_scope", "in_scope", "function")]
+    for where in ("outside_scope", "in_scope", "function", "unbuilt")]
     + [("keras3", "apply_without_variables")])
 def test_mirrored_variables_outside_strategy_run_are_a_clear_error(
         adapter_results, lib, where):
@@ -330,6 +333,7 @@ def test_mirrored_variables_outside_strategy_run_are_a_clear_error(
     assert "strategy.run" in rec["raised"] and "cr_w" in rec["raised"]
     assert rec["iterations"] == 0
     assert rec["copies"] == [[0.0, 1.0], [0.0, 1.0]]
+    assert rec["built"] == (where != "unbuilt")
 
 
 def test_one_device_mirrored_variables_update_outside_strategy_run(

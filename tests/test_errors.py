@@ -132,13 +132,18 @@ def test_the_core_reads_a_clip_of_zero_as_off(arg):
     from keras_cases import check_zero_clip_is_off
     check_zero_clip_is_off(tf_adamax.Adamax, arg)
     assert tf_adamax.Adamax(**{arg: 0}).get_config()[arg] is None
-    # A constant tensor zero too, as the Keras built-ins take it.
-    assert tf_adamax.Adamax(**{arg: tf.constant(0.0)}).get_config()[arg] is None
-    for front in ("keras3", "tf_keras"):
-        _front(front)(**{arg: tf.constant(0.0)})
-    # Zero is not a second clip option.
     other = "clipvalue" if arg != "clipvalue" else "clipnorm"
-    tf_adamax.Adamax(**{arg: 0.0, other: 1.0})
+    for front in ("core", "keras3", "tf_keras"):
+        # A constant tensor zero too, as the Keras built-ins take it; the
+        # adapters stepped it into a traced `x > 0` on a tensor.
+        opt = _front(front)(learning_rate=0.1, **{arg: tf.constant(0.0)})
+        assert opt.get_config()[arg] is None
+        var = tf.Variable([1.0, 2.0])
+        tf.function(lambda opt=opt, var=var: opt.apply_gradients(
+            [(tf.constant([30.0, -40.0]), var)]))()
+        np.testing.assert_allclose(var.numpy(), [0.9, 2.1], rtol=1e-6)
+        # Zero is not a second clip option (Keras counted it).
+        _front(front)(**{arg: 0.0, other: 1.0})
 
 
 @pytest.mark.parametrize("front", ("core", "keras3", "tf_keras"))

@@ -129,8 +129,8 @@ class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
         `beta_2`, `epsilon`, `ema_momentum` or `ema_overwrite_frequency`; a
         negative or non-finite learning rate, weight decay or clip value, or
         more than one clip option; a `loss_scale_factor` <= 0; a
-        `gradient_accumulation_steps` that is not an integer >= 2 (and for
-        whatever else Keras 3 rejects).
+        `gradient_accumulation_steps` that is not 0, None or an integer >= 2
+        (and for whatever else Keras 3 rejects).
 
     Example:
 
@@ -166,8 +166,11 @@ class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
     ):
         # Validate before any variable exists: a typo leaves nothing behind.
         _hyper.check_adamax(beta_1, beta_2, epsilon, sparse_mode)
-        _hyper.check_update_options(learning_rate, weight_decay, clipnorm,
-                                    clipvalue, global_clipnorm)
+        # Zero clips (Python or constant tensor) reach Keras as None: Keras
+        # would count them toward its one-clip rule, and test a tensor one
+        # as a Python bool in the traced step.
+        clipnorm, clipvalue, global_clipnorm = _hyper.check_update_options(
+            learning_rate, weight_decay, clipnorm, clipvalue, global_clipnorm)
         ema_overwrite_frequency, gradient_accumulation_steps = (
             _hyper.check_keras_options(
                 ema_momentum, ema_overwrite_frequency, loss_scale_factor,

@@ -135,8 +135,11 @@ class Adamax(_adapter.KernelUpdates, tf_keras.optimizers.Optimizer):
     ):
         # Validate before any variable exists: a typo leaves nothing behind.
         _hyper.check_adamax(beta_1, beta_2, epsilon, sparse_mode)
-        _hyper.check_update_options(learning_rate, weight_decay, clipnorm,
-                                    clipvalue, global_clipnorm)
+        # Zero clips (Python or constant tensor) reach Keras as None: Keras
+        # would count them toward its one-clip rule, and test a tensor one
+        # as a Python bool in the traced step.
+        clipnorm, clipvalue, global_clipnorm = _hyper.check_update_options(
+            learning_rate, weight_decay, clipnorm, clipvalue, global_clipnorm)
         ema_overwrite_frequency, _ = _hyper.check_keras_options(
             ema_momentum, ema_overwrite_frequency)
         super().__init__(
