@@ -266,6 +266,17 @@ def sum_per_dtype(sum_fn, items, dtype_of):
     return summed
 
 
+def sum_pairs_per_dtype(sum_fn, grads_and_vars):
+    """`sum_per_dtype` for a Keras hook that sums `(gradient, variable)`
+    pairs (None gradients pass through)."""
+    return sum_per_dtype(sum_fn, list(grads_and_vars),
+                         lambda pair: dtype_or_none(pair[0]))
+
+
+def dtype_or_none(grad):
+    return None if grad is None else grad.dtype
+
+
 def local(strategy, value):
     """The per-device components of `value` on this worker, as a tuple."""
     return tuple(strategy.experimental_local_results(value))

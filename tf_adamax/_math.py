@@ -477,6 +477,12 @@ def apply_gradient(var, m, u, grad, hyper: Hyper, sparse_mode):
         dense_step(var, m, u, grad, hyper)
 
 
+def ema_momentum(momentum, count, dtype):
+    """Keras 3's EMA momentum at call `count`: 0 at the first (the average
+    takes the weights), `momentum` after, in `dtype`."""
+    return tf.cast(tf.not_equal(count, 0), dtype) * as_dtype(momentum, dtype)
+
+
 def moving_average(average, value, momentum):
     """`momentum * average + (1 - momentum) * value` (Keras's weight EMA),
     written as a step from the average: where the value has not moved from

@@ -242,12 +242,10 @@ def apply_step(config: StepConfig, states, grads, decays, iteration,
 def _ema(config, states, updates):
     """Keras 3's weight EMA; the first update copies the weights."""
     for s in states:
-        not_first = tf.cast(tf.not_equal(updates, 0), s.average.dtype)
-        momentum = not_first * _math.as_dtype(
-            config.ema_momentum, s.average.dtype)
         s.average.assign(_math.moving_average(
-            s.average, tf.cast(s.var, s.average.dtype), momentum),
-            read_value=False)
+            s.average, tf.cast(s.var, s.average.dtype),
+            _math.ema_momentum(config.ema_momentum, updates,
+                               s.average.dtype)), read_value=False)
     if config.ema_overwrite_frequency:
         freq = config.ema_overwrite_frequency
 

@@ -333,7 +333,6 @@ class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
         # moves the rows a lazy step never named by a rounding now and then.
         if not self.use_ema:
             return
-        not_first = tf.not_equal(self.iterations, 0)
         for var, average in zip(trainable_variables,
                                 self._model_variables_moving_average):
             if average is None:
@@ -341,8 +340,8 @@ class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
             dtype = tf.as_dtype(average.dtype)
             average.assign(_math.moving_average(
                 tf.convert_to_tensor(average), tf.cast(var, dtype),
-                tf.cast(not_first, dtype) * _math.as_dtype(
-                    self.ema_momentum, dtype)))
+                _math.ema_momentum(self.ema_momentum, self.iterations,
+                                   dtype)))
 
     def _clips(self):
         return any(x is not None and x > 0 for x in (
@@ -362,9 +361,8 @@ class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
         if self._sums_before_clipping():  # already summed, before clipping
             return list(grads_and_vars)
         # One sum per gradient dtype (`_distribute.sum_per_dtype`).
-        return _distribute.sum_per_dtype(
-            super()._all_reduce_sum_gradients, list(grads_and_vars),
-            lambda pair: None if pair[0] is None else pair[0].dtype)
+        return _distribute.sum_pairs_per_dtype(
+            super()._all_reduce_sum_gradients, grads_and_vars)
 
     def _sum_over_replicas(self, grads):
         def sum_fn(part):
@@ -372,8 +370,8 @@ class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
             summed = iter(tf.distribute.get_replica_context().all_reduce(
                 tf.distribute.ReduceOp.SUM, present) if present else [])
             return [None if g is None else next(summed) for g in part]
-        return _distribute.sum_per_dtype(
-            sum_fn, list(grads), lambda g: None if g is None else g.dtype)
+        return _distribute.sum_per_dtype(sum_fn, list(grads),
+                                         _distribute.dtype_or_none)
 
     def _clip_gradients(self, grads):
         # Keras 3's hook (private) for clipping. Its global-norm clipping

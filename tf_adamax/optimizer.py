@@ -73,9 +73,10 @@ class Adamax(tf.Module):
       loss_scale_factor: gradients are divided by it (the loss is multiplied
         by it in `minimize` / `scale_loss`).
       gradient_accumulation_steps: update every N calls with the mean of the
-        N gradients (0 or None: off, as in Keras). `iterations` then counts updates (calls // N), as Keras
-        3 reports it, so that t = iterations + 1 still holds; a schedule is
-        called with the number of calls, as in Keras 3. Sparse gradients are
+        N gradients (0 or None: off, as in Keras). `iterations` then
+        counts updates (calls // N), as Keras 3 reports it, so that
+        t = iterations + 1 still holds; a schedule is called with the
+        number of calls, as in Keras 3. Sparse gradients are
         accumulated densely.
       sparse_mode: "exact" or "lazy", see above.
       jit_compile: compile the update with XLA.

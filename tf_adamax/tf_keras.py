@@ -325,9 +325,8 @@ class Adamax(_adapter.KernelUpdates, tf_keras.optimizers.Optimizer):
         """Sums the gradients over replicas, one sum per gradient dtype
         (tf-keras packs them all into one buffer, which fails when a model
         mixes float16 and float32 variables)."""
-        return _distribute.sum_per_dtype(
-            super().aggregate_gradients, list(grads_and_vars),
-            lambda pair: None if pair[0] is None else pair[0].dtype)
+        return _distribute.sum_pairs_per_dtype(
+            super().aggregate_gradients, grads_and_vars)
 
     def _clip_gradients(self, grads):
         # tf-keras's hook between gradient aggregation and clipping (private,
