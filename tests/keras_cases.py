@@ -310,3 +310,22 @@ def check_lazy_weight_decay_respects_exclusion(optimizer_class, variable_class):
     decayed = np.ones((4, 2)) * np.float32(0.95)  # the dense step: every row
     decayed[1] *= np.float32(0.95)                # and the sparse one: row 1
     np.testing.assert_allclose(np.array(other), decayed, rtol=1e-6)
+
+
+def check_nan_gradient_makes_the_norm_nan(optimizer_class, variable_class):
+    """A NaN gradient element turns its norm slot NaN, eagerly and in a
+    jit-compiled train function alike (XLA:CPU's max drops a NaN operand),
+    as the built-in's eager update does; the other elements stay finite."""
+    for jit in (False, True):
+        var = variable_class(np.ones((2, 2), "float32"))
+        opt = optimizer_class(learning_rate=0.01)
+        opt.build([var])
+        step = tf.function(lambda g: opt.apply_gradients([(g, var)]),
+                           jit_compile=True) if jit else (
+            lambda g: opt.apply_gradients([(g, var)]))
+        step(tf.constant([[np.nan, 1.0], [0.5, -0.5]], tf.float32))
+        step(tf.constant(np.full((2, 2), 0.25, np.float32)))
+        norm = np.array(opt._u[0])
+        assert np.isnan(norm[0, 0]), (jit, norm)
+        np.testing.assert_allclose(norm.ravel()[1:], [0.999, 0.4995, 0.4995],
+                                   rtol=1e-6, err_msg=f"jit={jit}")

@@ -249,3 +249,53 @@ def test_variable_constraint_projects_after_each_update(holder, mode, rng):
                                    rtol=1e-6, atol=1e-6)
     assert (to_numpy(var) == lo).any() or (to_numpy(var) == hi).any(), \
         "the test's steps never reached the constraint's bounds"
+
+
+@pytest.mark.parametrize("grad_form", ("dense", "exact", "lazy"))
+@pytest.mark.parametrize("mode", MODES)
+def test_float16_gradients_are_unscaled_in_float32(mode, grad_form):
+    """A float16 gradient divided by a loss scale of 2**15 or 2**16 trains as
+    the float64 reference does, dense or sparse: in float16 2**-12 / 2**15
+    flushes to zero and 2**16 is inf (every gradient became 0)."""
+    for factor in (2.0**15, 2.0**16):
+        var = tf.Variable(np.full((2, 2), 0.25, np.float16))
+        opt = make_optimizer(mode, learning_rate=LR, loss_scale_factor=factor,
+                             sparse_mode="lazy" if grad_form == "lazy" else "exact")
+        step = make_step(opt, mode, [var])
+        scaled = np.full((2, 2), 2.0**-12, np.float16)
+        if grad_form == "dense":
+            grad = tf.constant(scaled)
+        else:
+            grad = tf.IndexedSlices(tf.constant(scaled), tf.constant([0, 1]),
+                                    tf.constant([2, 2]))
+        step([grad])
+        ref = AdamaxReference(learning_rate=LR, loss_scale_factor=factor)
+        ref.add_variable("v", np.full((2, 2), 0.25), np.float16)
+        ref.apply({"v": scaled.astype(np.float64)})
+        check_against_reference(opt, [var], ref, ["v"], f"factor={factor}")
+        assert to_numpy(opt.get_slot(var, "momentum")).min() > 0, factor
+
+
+@pytest.mark.parametrize("grad_form", ("dense", "exact", "lazy"))
+@pytest.mark.parametrize("mode", MODES)
+def test_a_nan_gradient_makes_the_norm_nan_on_every_path(mode, grad_form):
+    """XLA:CPU's max drops a NaN operand; the norm slot must still turn NaN
+    where |g| is NaN (as NumPy, eager TF and the built-ins), and stay NaN at
+    the next finite step, so the state does not depend on jit_compile."""
+    var = tf.Variable(np.ones((3, 2), np.float32))
+    opt = make_optimizer(mode, learning_rate=LR,
+                         sparse_mode="lazy" if grad_form == "lazy" else "exact")
+    step = make_step(opt, mode, [var])
+    grads = [np.array([[np.nan, 1.0], [0.5, -0.5], [0.0, 0.0]], np.float32),
+             np.full((3, 2), 0.25, np.float32)]
+    for g in grads:
+        if grad_form == "dense":
+            step([tf.constant(g)])
+        else:
+            step([tf.IndexedSlices(tf.constant(g), tf.constant([0, 1, 2]),
+                                   tf.constant([3, 2]))])
+    norm = to_numpy(opt.get_slot(var, "norm"))
+    assert np.isnan(norm[0, 0]) and np.isnan(to_numpy(var)[0, 0]), norm
+    assert np.isfinite(np.delete(norm.ravel(), 0)).all(), norm
+    np.testing.assert_allclose(norm[1:], [[0.4995, 0.4995], [0.25, 0.25]],
+                               rtol=1e-6)

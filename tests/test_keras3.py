@@ -25,6 +25,7 @@ from keras_cases import (
     BAD_PAIR_CASES, BAD_PAIR_OPTIONS, BATCH, DIM, EMB_LR, REPO_ROOT, TOKENS, VOCAB,
     assert_matches_reference, check_adamax_options_set_after_a_step_match_builtin,
     check_bad_pairs_change_nothing, check_float64_variables_are_exact,
+    check_nan_gradient_makes_the_norm_nan,
     check_many_variables_split_match_builtin, check_no_retracing_warning,
     check_lazy_weight_decay_is_read_at_each_step,
     check_lazy_weight_decay_respects_exclusion,
@@ -832,3 +833,7 @@ def test_accumulated_sparse_gradient_without_dense_shape():
         results.append(np.asarray(var.numpy()))
     assert not np.array_equal(results[0], np.ones((3, 2)))
     np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_a_nan_gradient_makes_the_norm_nan():
+    check_nan_gradient_makes_the_norm_nan(Adamax, keras.Variable)

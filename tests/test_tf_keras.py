@@ -30,6 +30,7 @@ from keras_cases import (
     BAD_PAIR_CASES, BAD_PAIR_OPTIONS, BATCH, DIM, EMB_LR, REPO_ROOT, TOKENS, VOCAB,
     assert_matches_reference, check_adamax_options_set_after_a_step_match_builtin,
     check_bad_pairs_change_nothing, check_float64_variables_are_exact,
+    check_nan_gradient_makes_the_norm_nan,
     check_many_variables_split_match_builtin, check_no_retracing_warning,
     check_lazy_weight_decay_is_read_at_each_step,
     check_lazy_weight_decay_respects_exclusion,
@@ -611,3 +612,7 @@ def test_lazy_weight_decay_respects_exclusion_by_name():
 def test_float64_variables_are_exact():
     check_float64_variables_are_exact(Adamax, tf.Variable,
                                       ema_from_initial=True)
+
+
+def test_a_nan_gradient_makes_the_norm_nan():
+    check_nan_gradient_makes_the_norm_nan(Adamax, tf.Variable)

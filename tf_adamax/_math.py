@@ -127,8 +127,17 @@ def _combine(w, m, u, gradient_term, c):
     `gradient_term(f)` gives the gradient term `f(g)` for these rows."""
     new_m = _decayed_momentum(m, c) + gradient_term(
         lambda g: _momentum_increment(g, c))
-    new_u = tf.maximum(_decayed_norm(u, c), gradient_term(_norm_candidate))
+    new_u = _nan_max(_decayed_norm(u, c), gradient_term(_norm_candidate))
     return _new_weights(w, new_m, new_u, c), new_m, new_u
+
+
+def _nan_max(a, b):
+    """`max(a, b)`, NaN where either is NaN (as NumPy's and eager TF's
+    maximum): XLA:CPU's max returns the other operand, so a NaN gradient
+    would leave a finite norm slot under jit_compile and a NaN one without.
+    Both operands are >= 0 or NaN, so their sum is NaN only from a NaN."""
+    either = a + b
+    return tf.where(tf.math.is_nan(either), either, tf.maximum(a, b))
 
 
 def _assign(var, m, u, new_w, new_m, new_u):

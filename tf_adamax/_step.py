@@ -67,14 +67,17 @@ def prepare(grad, var=None, sparse_mode="lazy"):
     An IndexedSlices has its duplicate rows summed once, here, before any
     nonlinearity (clipping, |g|, max), in the form `sparse_mode`'s kernel
     takes (`var` gives the table size for "exact"; without it, for norms
-    only, the lazy form).
+    only, the lazy form). Half-precision values come out in float32.
     """
     if isinstance(grad, tf.IndexedSlices):
         if var is None:
             sparse_mode = "lazy"
         return SparseRows(*_math.sum_rows(grad.indices, grad.values, var,
                                           sparse_mode))
-    return grad
+    # A half-precision gradient is divided by the loss scale and clipped in
+    # float32 (the slots' dtype), as sparse rows are summed: in float16 a
+    # scale of 2**15 flushes small gradients to zero, and 2**16 is inf.
+    return tf.cast(grad, _math.compute_dtype(grad.dtype))
 
 
 def _map(grad, fn):
