@@ -616,3 +616,36 @@ def test_float64_variables_are_exact():
 
 def test_a_nan_gradient_makes_the_norm_nan():
     check_nan_gradient_makes_the_norm_nan(Adamax, tf.Variable)
+
+
+@pytest.mark.parametrize("units", (4, 6))
+@pytest.mark.parametrize("change", ("unfrozen", "frozen"))
+def test_load_model_skips_slots_saved_for_other_trainable_variables(
+        tmp_path, change, units):
+    # tf-keras restores slots by position: a SavedModel saved after layers
+    # were unfrozen (or frozen) since the optimizer was built failed to load
+    # (shapes differ) or put one layer's moments into another's (shapes
+    # equal). Now the model loads and the optimizer starts afresh, with a
+    # warning, as tf-keras's own `.keras` loader does.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 4)).astype("float32")
+    base = tf_keras.Sequential(
+        [tf_keras.layers.Dense(units, input_shape=(4,), name="b")])
+    model = tf_keras.Sequential([base, tf_keras.layers.Dense(units, name="h")])
+    base.trainable = change != "unfrozen"
+    model.compile(optimizer=Adamax(0.05), loss="mse")
+    model.fit(x, x[:, :1], batch_size=8, verbose=0)
+    base.trainable = not base.trainable
+    path = str(tmp_path / "saved_model")
+    model.save(path, save_format="tf")
+    with pytest.warns(UserWarning, match="Skipping the optimizer state"):
+        restored = tf_adamax.tf_keras.load_model(path)
+    for saved, now in zip(model.weights, restored.weights):
+        np.testing.assert_array_equal(now.numpy(), saved.numpy())
+    opt = restored.optimizer
+    assert int(opt.iterations.numpy()) == 0
+    assert len(opt._m) == len(restored.trainable_variables)
+    for slot in opt._m + opt._u:
+        assert not np.any(slot.numpy()), slot.name
+    restored.fit(x, x[:, :1], batch_size=8, verbose=0)
+    assert int(opt.iterations.numpy()) == 2

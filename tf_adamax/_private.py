@@ -146,3 +146,42 @@ def _host(variable):
     unknown)."""
     device = tf.DeviceSpec.from_string(getattr(variable, "device", "") or "")
     return device.replace(device_type="CPU", device_index=0).to_string()
+
+
+def saved_optimizer_variable_names(path):
+    """Names of the variables of a tf-keras SavedModel's optimizer, in its
+    `_variables` order, or None when they cannot be read.
+
+    tf-keras checkpoints an optimizer's slots by position in that list; the
+    names (`m/<layer>/kernel`) say which model variable each slot was made
+    for. Only the SavedModel's object graph holds them, and its proto module
+    (`tensorflow.core.protobuf`) has no public `tf.` alias.
+    """
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    try:
+        with tf.io.gfile.GFile(tf.io.gfile.join(path, "saved_model.pb"),
+                               "rb") as f:
+            proto.ParseFromString(f.read())
+        graph = proto.meta_graphs[0].object_graph_def
+    except Exception:  # noqa: BLE001 -- unreadable: the caller falls back
+        return None
+
+    def child(node, name):
+        for ref in graph.nodes[node].children:
+            if ref.local_name == name:
+                return ref.node_id
+        return None
+
+    node = child(0, "optimizer")
+    node = None if node is None else child(node, "_variables")
+    if node is None:
+        return None
+    names = []
+    for ref in graph.nodes[node].children:
+        saved = graph.nodes[ref.node_id]
+        if saved.WhichOneof("kind") != "variable":
+            return None
+        names.append(saved.variable.name)
+    return names

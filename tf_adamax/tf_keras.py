@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 
 import tensorflow as tf
@@ -22,6 +23,7 @@ from tf_adamax import _checks
 from tf_adamax import _distribute
 from tf_adamax import _hyper
 from tf_adamax import _math
+from tf_adamax import _private
 
 __all__ = ["Adamax", "load_model"]
 
@@ -406,8 +408,38 @@ def load_model(filepath, **kwargs):
         inner = getattr(optimizer, "inner_optimizer", optimizer)
         if not getattr(inner, "_built", False):
             inner.build(model.trainable_variables)
-        tf.train.Checkpoint(model).read(checkpoint).expect_partial()
+        mismatch = _slots_for_other_variables(
+            _private.saved_optimizer_variable_names(path),
+            [v.name for v in inner.variables])
+        if mismatch:
+            # tf-keras restores slots by position: read into the slots of
+            # other variables they would fail on a shape, or worse, load.
+            warnings.warn(
+                f"Skipping the optimizer state of {path}: it was saved for "
+                f"other trainable variables ({mismatch}; layers frozen or "
+                "unfrozen after the optimizer was built?), and tf-keras "
+                "restores slots by position. The model's weights are "
+                "loaded; the optimizer starts afresh. To keep its state, "
+                "save with the layers' `trainable` as it was when the "
+                "optimizer was built.", stacklevel=2)
+        else:
+            tf.train.Checkpoint(model).read(checkpoint).expect_partial()
     return model
+
+
+def _slots_for_other_variables(saved, built):
+    """A description of where the saved optimizer variable names differ
+    from the built optimizer's (saved names may carry the optimizer's name
+    scope), or "" when they agree or the saved ones are unknown."""
+    if saved is None:
+        return ""
+    built = [re.sub(r":\d+$", "", name) for name in built]
+    if len(saved) != len(built):
+        return f"{len(saved)} variables saved, {len(built)} now"
+    for old, new in zip(saved, built):
+        if old != new and not old.endswith("/" + new):
+            return f"saved {old!r} where the optimizer now has {new!r}"
+    return ""
 
 
 def _path_of(filepath):
