@@ -1,5 +1,6 @@
 """Bad input: clear errors naming what is wrong, and no state changed."""
 
+import functools
 import logging
 import math
 import re
@@ -489,6 +490,15 @@ def test_out_of_range_row_is_dropped_inside_xla(opt_jit, bad, sparse_mode):
     step(_slices(indices, values))
     _expect_dropped(opt, emb, emb_before, slots_before, indices, values, bad,
                     sparse_mode)
+
+
+@pytest.mark.parametrize("jit_compile", (True, False))
+def test_rows_dropped_in_xla_do_not_count_in_clip_norms(jit_compile):
+    from keras_cases import check_dropped_rows_do_not_count_in_clip_norms
+
+    check_dropped_rows_do_not_count_in_clip_norms(
+        functools.partial(tf_adamax.Adamax, jit_compile=jit_compile),
+        tf.Variable, lambda opt, var: opt.get_slot(var, "momentum").numpy())
 
 
 @pytest.mark.parametrize("sparse_mode", ("exact", "lazy"))

@@ -26,6 +26,7 @@ from keras_cases import (
     assert_matches_reference, check_adamax_options_set_after_a_step_match_builtin,
     check_bad_pairs_change_nothing, check_float64_variables_are_exact,
     check_nan_gradient_makes_the_norm_nan,
+    check_dropped_rows_do_not_count_in_clip_norms,
     check_many_variables_split_match_builtin, check_no_retracing_warning,
     check_lazy_weight_decay_is_read_at_each_step,
     check_lazy_weight_decay_respects_exclusion,
@@ -837,3 +838,7 @@ def test_accumulated_sparse_gradient_without_dense_shape():
 
 def test_a_nan_gradient_makes_the_norm_nan():
     check_nan_gradient_makes_the_norm_nan(Adamax, keras.Variable)
+
+
+def test_rows_dropped_in_xla_do_not_count_in_clip_norms():
+    check_dropped_rows_do_not_count_in_clip_norms(Adamax, keras.Variable)

@@ -31,6 +31,7 @@ from keras_cases import (
     assert_matches_reference, check_adamax_options_set_after_a_step_match_builtin,
     check_bad_pairs_change_nothing, check_float64_variables_are_exact,
     check_nan_gradient_makes_the_norm_nan,
+    check_dropped_rows_do_not_count_in_clip_norms,
     check_many_variables_split_match_builtin, check_no_retracing_warning,
     check_lazy_weight_decay_is_read_at_each_step,
     check_lazy_weight_decay_respects_exclusion,
@@ -649,3 +650,7 @@ def test_load_model_skips_slots_saved_for_other_trainable_variables(
         assert not np.any(slot.numpy()), slot.name
     restored.fit(x, x[:, :1], batch_size=8, verbose=0)
     assert int(opt.iterations.numpy()) == 2
+
+
+def test_rows_dropped_in_xla_do_not_count_in_clip_norms():
+    check_dropped_rows_do_not_count_in_clip_norms(Adamax, tf.Variable)

@@ -181,7 +181,7 @@ def _summable(values):
     return tf.cast(values, compute_dtype(values.dtype))
 
 
-def sum_duplicates(indices, values):
+def sum_duplicates(indices, values, num_rows=None):
     """Sums the rows of an IndexedSlices that name the same index, by hashing.
 
     O(nnz) per round and independent of the table size (the lazy path's cost
@@ -192,6 +192,10 @@ def sum_duplicates(indices, values):
     Args:
       indices: int32/int64 vector, may hold duplicates in any order.
       values: tensor whose first dimension matches `indices`.
+      num_rows: the table's row count, if known: entries outside
+        `[0, num_rows)` then get zero rows in `once`. (The optimizer rejects
+        them before this where asserts can run; inside XLA the scatter drops
+        their rows, and norms over `once` must not count them either.)
 
     Returns:
       `(rows, once, holder)`: `rows` is `indices`; `once[i]`, at the one
@@ -202,7 +206,14 @@ def sum_duplicates(indices, values):
       every copy (`per_entry`).
     """
     holder = _holders(indices)
-    return indices, _sum_at(_summable(values), holder), holder
+    adds = holder if num_rows is None else tf.where(
+        _in_table(indices, num_rows), holder, -1)
+    return indices, _sum_at(_summable(values), adds), holder
+
+
+def _in_table(indices, num_rows):
+    """Whether each index names a row of a `num_rows`-row table."""
+    return (indices >= 0) & (indices < tf.cast(num_rows, indices.dtype))
 
 
 # Each round hashes `key ^ salt` with MurmurHash3's 32-bit finalizer, a new
@@ -334,7 +345,7 @@ def sum_duplicates_by_row(indices, values, num_rows):
     """
     n = tf.shape(indices, out_type=indices.dtype)[0]
     size = tf.cast(num_rows, indices.dtype)
-    valid = (indices >= 0) & (indices < size)
+    valid = _in_table(indices, size)
     # Out-of-range entries all name the extra row `size`: no index is ever
     # out of range. Rows no entry names get the dtype's max, then n.
     row = tf.where(valid, indices, size)
@@ -353,7 +364,9 @@ def merge_duplicates(slices):
     zero rows (static shape, for XLA). Row-wise transforms (clipping by
     value, norms) then see the densified gradient, not each copy.
     """
-    rows, once, _ = sum_duplicates(slices.indices, slices.values)
+    rows, once, _ = sum_duplicates(
+        slices.indices, slices.values,
+        None if slices.dense_shape is None else slices.dense_shape[0])
     # Keras processes gradients in their variable's dtype.
     return tf.IndexedSlices(tf.cast(once, slices.values.dtype), rows,
                             slices.dense_shape)
@@ -456,11 +469,11 @@ def sum_rows(indices, values, var, sparse_mode):
     `source` is per entry (`sum_duplicates`, hashing, so its cost does not
     depend on the table). "exact" writes every table row: `source` is per
     table row, `len(indices)` for rows not named (`sum_duplicates_by_row`,
-    O(rows of the table), as the exact step is anyway). Only "exact" needs
-    `var` (its row count).
+    O(rows of the table), as the exact step is anyway). `var` gives the
+    table's row count: entries outside it are left out of `once`.
     """
     if sparse_mode == "lazy":
-        return sum_duplicates(indices, values)
+        return sum_duplicates(indices, values, num_rows(var))
     return (indices,) + sum_duplicates_by_row(indices, values, num_rows(var))
 
 

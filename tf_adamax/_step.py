@@ -61,17 +61,15 @@ class SparseRows(typing.NamedTuple):
     source: tf.Tensor
 
 
-def prepare(grad, var=None, sparse_mode="lazy"):
+def prepare(grad, var, sparse_mode="lazy"):
     """Brings a gradient into the form the step works on.
 
     An IndexedSlices has its duplicate rows summed once, here, before any
     nonlinearity (clipping, |g|, max), in the form `sparse_mode`'s kernel
-    takes (`var` gives the table size for "exact"; without it, for norms
-    only, the lazy form). Half-precision values come out in float32.
+    takes (`var` gives the table size). Half-precision values come out in
+    float32.
     """
     if isinstance(grad, tf.IndexedSlices):
-        if var is None:
-            sparse_mode = "lazy"
         return SparseRows(*_math.sum_rows(grad.indices, grad.values, var,
                                           sparse_mode))
     # A half-precision gradient is divided by the loss scale and clipped in
@@ -143,13 +141,13 @@ def global_norm_of(grads):
                    else tf.constant(0.0, dtype))
 
 
-def global_grad_norm(config, grads):
+def global_grad_norm(config, grads, variables):
     """The norm `global_clipnorm` clips to, over gradients of all devices.
 
     Used when the variables are split over devices (one program each), so no
     single program sees every gradient.
     """
-    prepared = [prepare(g) for g in grads]
+    prepared = [prepare(g, v) for g, v in zip(grads, variables)]
     norm = global_norm_of(prepared)
     if config.loss_scale_factor is not None:
         norm = norm / _math.as_dtype(config.loss_scale_factor, norm.dtype)

@@ -613,7 +613,7 @@ class Adamax(tf.Module):
                     "devices without replication (parameter servers).")
             global_norm = _step.global_grad_norm(
                 self._config,
-                [_distribute.local(strategy, g)[0] for g in grads])
+                [_distribute.local(strategy, g)[0] for g in grads], variables)
         decays = [self._decays(v) for v in variables]
         states = self._states(variables)
         update = self._fns.update
