@@ -22,6 +22,8 @@ import pytest
 import tensorflow as tf
 
 import tf_adamax
+from conftest import AdamaxReference, SparseGrad, compiled_update_functions
+from reference import dense_step
 from tf_adamax import _distribute
 
 
@@ -77,7 +79,7 @@ def test_bucketed_pads_eager_and_unknown_lengths_only():
     lengths = set()
     for n in range(1, 700):
         grad = _slices(rng, n)
-        out = _distribute.bucketed(grad, var)
+        out, = _distribute.bucketed([grad], [var])
         size = int(out.indices.shape[0])
         # Rounded up by less than a quarter (at least to a multiple of 1).
         assert n <= size < n + max(1, n / 4 + 1), (n, size)
@@ -89,24 +91,138 @@ def test_bucketed_pads_eager_and_unknown_lengths_only():
             lengths.add(size)
     # Four sizes per power of two: 100..400 spans two octaves and a bit.
     assert len(lengths) <= 12, sorted(lengths)
-    assert _distribute.bucketed(tf.ones([40, 3]), var).shape == [40, 3]
+    assert _distribute.bucketed([tf.ones([40, 3])], [var])[0].shape == [40, 3]
 
     seen = {}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.int32)])
     def unknown(ids):
         grad = tf.IndexedSlices(tf.ones([tf.shape(ids)[0], 3]), ids)
-        seen["unknown"] = _distribute.bucketed(grad, var)
+        seen["unknown"], = _distribute.bucketed([grad], [var])
         return tf.shape(seen["unknown"].indices)[0]
 
     @tf.function
     def static():
         grad = _slices(rng, 9)
-        seen["static"] = (_distribute.bucketed(grad, var), grad)
+        seen["static"] = (_distribute.bucketed([grad], [var])[0], grad)
 
     assert int(unknown(tf.range(9))) == 10
     static()
     assert seen["static"][0] is seen["static"][1]  # a static length stays
+
+
+def test_bucketed_pads_the_sparse_gradients_of_a_call_to_one_size():
+    # XLA compiles a program per combination of input shapes: a bucket per
+    # table made K tables of independent lengths compile one program per
+    # combination of buckets (the process ran out of memory maps).
+    rng = np.random.default_rng(1)
+    variables = [tf.Variable(tf.zeros([40, 3])) for _ in range(3)]
+    shapes = set()
+    for _ in range(60):
+        lengths = rng.integers(16, 128, size=3)
+        grads = [_slices(rng, int(n)) for n in lengths] + [tf.ones([40, 3])]
+        out = _distribute.bucketed(grads, variables + [variables[0]])
+        sizes = {int(g.indices.shape[0]) for g in out[:3]}
+        assert len(sizes) == 1, sizes
+        size, = sizes
+        assert max(lengths) <= size < max(lengths) * 1.25 + 1, (lengths, size)
+        for n, g, o in zip(lengths, grads, out):
+            np.testing.assert_array_equal(o.indices[:n], g.indices)
+            np.testing.assert_array_equal(o.indices[n:], 40)
+            np.testing.assert_array_equal(o.values[n:], 0.0)
+        assert out[3] is grads[3]
+        shapes.add(size)
+    assert len(shapes) <= 12, sorted(shapes)
+
+
+_SEVERAL_TABLES = """
+import sys
+sys.path.insert(0, {tests!r})
+import numpy as np
+import tensorflow as tf
+from reference import AdamaxReference, SparseGrad
+
+front = {front!r}
+LR = 2.0**-7  # exact in the adapters' float32 rate
+rng = np.random.default_rng(2)
+init = rng.normal(size=(3, 30, 2))
+if front == "core":
+    import tf_adamax
+    variables = [tf.Variable(v) for v in init]
+    opt = tf_adamax.Adamax(LR)
+elif front == "keras3":
+    import keras
+    from tf_adamax import keras as adapter
+    variables = [keras.Variable(v, dtype="float64") for v in init]
+    opt = adapter.Adamax(LR)
+else:
+    from tf_adamax import tf_keras as adapter
+    variables = [tf.Variable(v) for v in init]
+    opt = adapter.Adamax(LR)
+ref = AdamaxReference(learning_rate=LR)
+for i, v in enumerate(init):
+    ref.add_variable(i, v)
+for _ in range(30):
+    grads = {{}}
+    for i in range(3):
+        n = int(rng.integers(16, 40))
+        grads[i] = SparseGrad(rng.integers(0, 30, size=n),
+                              rng.normal(size=(n, 2)))
+    opt.apply_gradients([
+        (tf.IndexedSlices(tf.constant(g.values), tf.constant(g.indices),
+                          tf.constant([30, 2])), v)
+        for g, v in zip(grads.values(), variables)])
+    ref.apply(grads)
+for i, v in enumerate(variables):
+    np.testing.assert_allclose(np.array(v), ref.w[i], rtol=1e-10)
+print("values ok")
+"""
+
+
+@pytest.mark.parametrize("front", ("core", "keras3", "tf_keras"))
+def test_independent_sparse_lengths_of_several_tables_compile_few_programs(
+        front):
+    """Three tables whose gradient lengths vary independently, applied
+    eagerly for 30 steps: XLA compiles one program per bucket of the
+    longest, not one per combination of the tables' lengths (each program
+    stays mapped: a long run ran out of memory maps and crashed); every
+    table matches the unpadded reference. Compiles are counted from TF's
+    log in a fresh process."""
+    code = _SEVERAL_TABLES.format(tests=os.path.dirname(__file__), front=front)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0",
+                                   TF_CPP_VMODULE="device_compiler=1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "values ok" in proc.stdout
+    compiles = proc.stderr.count("Compilation of XLA executable")
+    # Lengths 16-39: the longest falls in 6 buckets (16, 20, 24, 28, 32,
+    # 40); a bucket per table gave 20-30 programs in 30 steps.
+    assert 1 <= compiles <= 6, compiles
+
+
+@pytest.mark.parametrize("name,values", [("beta_1", (0.5, 0.6, 0.7, 0.8)),
+                                         ("beta_2", (0.9, 0.95, 0.99, 0.999)),
+                                         ("epsilon", (1e-3, 1e-4, 1e-5, 1e-6))])
+def test_setting_betas_eagerly_does_not_retrace(name, values):
+    """A beta or epsilon set between eager steps (a warm-up) is read at the
+    next step without compiling the update again (it compiled once per
+    value, never freed)."""
+    var = tf.Variable(np.ones(3))
+    opt = tf_adamax.Adamax(0.1)
+    settings = dict(beta_1=0.9, beta_2=0.999, epsilon=1e-7)
+    w, m, u = np.ones(3), np.zeros(3), np.zeros(3)
+    for t, value in enumerate(values, start=1):
+        setattr(opt, name, value)
+        settings[name] = value
+        g = np.array([0.5, -1.0, 2.0]) * t
+        opt.apply_gradients([(tf.constant(g), var)])
+        w, m, u = dense_step(w, m, u, g, 0.1, settings["beta_1"],
+                             settings["beta_2"], settings["epsilon"], t)
+        np.testing.assert_allclose(var.numpy(), w, rtol=1e-13, atol=0)
+    traces = [f.experimental_get_tracing_count()
+              for f in compiled_update_functions(opt)]
+    assert sum(traces) == 1, traces
 
 
 @pytest.fixture

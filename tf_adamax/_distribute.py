@@ -387,34 +387,49 @@ def compiled(fn):
                        reduce_retracing=True)
 
 
-def bucketed(grad, var):
-    """Pads a sparse gradient whose length may vary to a size bucket for XLA.
+def bucketed(grads, variables):
+    """Pads the sparse gradients whose length may vary to a size bucket for
+    XLA.
 
-    XLA compiles one program per input shape. When the number of sparse rows
-    is only known at run time (parameter-server shards, ragged batches,
-    `tf.unique`d ids), or when the update is called eagerly (where every
-    call brings its concrete length), it is rounded up to one of four sizes
-    per power of two, so the update compiles a handful of times instead of
-    once per new length (each compile costs ~0.1-0.2 s on CPU). Padding rows
-    name row `num_rows` (out of range: the kernels' scatters drop it, and
-    the exact kernel's row map sends it to a spare slot) and carry zeros, so
-    no row changes because of them. A dense gradient, or a sparse one of
-    static length inside a `tf.function`, is returned as is.
+    XLA compiles one program per combination of input shapes. When the
+    number of sparse rows is only known at run time (parameter-server
+    shards, ragged batches, `tf.unique`d ids), or when the update is called
+    eagerly (where every call brings its concrete length), it is rounded up
+    to one of four sizes per power of two, so the update compiles a handful
+    of times instead of once per new length (each compile costs ~0.1-0.2 s
+    on CPU, and its program stays mapped for the life of the process). All
+    such gradients of one program are padded to the same size, the bucket
+    of the longest: with a bucket each, K tables whose lengths vary
+    independently would compile one program per combination (12**3 for
+    three tables of 16-127 ids). Padding rows name row `num_rows` (out of
+    range: the kernels' scatters drop it, the exact kernel's row map sends
+    it to a spare slot, and the row sums leave it out) and carry zeros, so
+    no row changes because of them. Dense gradients, and sparse ones of
+    static length inside a `tf.function`, are returned as they are.
     """
-    if not isinstance(grad, tf.IndexedSlices) or (
-            grad.indices.shape[0] is not None and not tf.executing_eagerly()):
-        return grad
-    n = tf.shape(grad.indices)[0]
+    varying = [i for i, g in enumerate(grads)
+               if isinstance(g, tf.IndexedSlices) and (
+                   g.indices.shape[0] is None or tf.executing_eagerly())]
+    if not varying:
+        return list(grads)
+    n = tf.reduce_max(tf.stack([tf.shape(grads[i].indices)[0]
+                                for i in varying]))
     octave = tf.math.floor(tf.math.log(tf.cast(tf.maximum(n, 1),
                                                tf.float32)) / math.log(2))
     step = tf.cast(tf.pow(2.0, tf.maximum(octave - 2.0, 0.0)), tf.int32)
-    pad = (n + step - 1) // step * step - n
-    rows = tf.cast(_math.num_rows(unwrap(var)), grad.indices.dtype)
-    values = tf.concat([grad.values, tf.zeros(
-        tf.concat([[pad], tf.shape(grad.values)[1:]], 0),
-        grad.values.dtype)], 0)
-    indices = tf.concat([grad.indices, tf.fill([pad], rows)], 0)
-    return tf.IndexedSlices(values, indices, grad.dense_shape)
+    size = (n + step - 1) // step * step
+    padded = list(grads)
+    for i in varying:
+        grad = grads[i]
+        pad = size - tf.shape(grad.indices)[0]
+        rows = tf.cast(_math.num_rows(unwrap(variables[i])),
+                       grad.indices.dtype)
+        values = tf.concat([grad.values, tf.zeros(
+            tf.concat([[pad], tf.shape(grad.values)[1:]], 0),
+            grad.values.dtype)], 0)
+        indices = tf.concat([grad.indices, tf.fill([pad], rows)], 0)
+        padded[i] = tf.IndexedSlices(values, indices, grad.dense_shape)
+    return padded
 
 
 class CompiledParts:
@@ -444,7 +459,8 @@ class CompiledParts:
         while len(self.fns) < len(parts):
             self.fns.append(compiled(self._fn))
         calls = [(fn, part.device or None,
-                  [bucketed(grads[i], tf_vars[i]) for i in part.positions],
+                  bucketed([grads[i] for i in part.positions],
+                           [tf_vars[i] for i in part.positions]),
                   [variables[i] for i in part.positions])
                  for fn, part in zip(self.fns, parts)]
         traced = []

@@ -626,6 +626,7 @@ class Adamax(tf.Module):
             # EagerFunctionParams), so the same step runs op by op there.
             # Scheduled steps (tf.functions) stay compiled.
             update = _step.apply_step
+        config = self._run_time_config()
         with tf.control_dependencies(checks):
             for group in groups:
                 with tf.device(group.device):
@@ -636,13 +637,14 @@ class Adamax(tf.Module):
                         if isinstance(self._learning_rate, tf.Variable)
                         else None)
                     update(
-                        self._config,
+                        config,
                         [_component_state(strategy, states[i], group)
                          for i in group.positions],
-                        [self._bucketed(_checks.static_shape(
-                            _distribute.component(strategy, grads[i], group),
-                            variables[i]), variables[i])
-                         for i in group.positions],
+                        self._bucketed(
+                            [_checks.static_shape(_distribute.component(
+                                strategy, grads[i], group), variables[i])
+                             for i in group.positions],
+                            [variables[i] for i in group.positions]),
                         [decays[i] for i in group.positions],
                         iteration, lr, global_norm)
                     # As every Keras optimizer: a variable's constraint
@@ -662,12 +664,23 @@ class Adamax(tf.Module):
                     read_value=False)
         return self.iterations
 
-    def _bucketed(self, grad, var):
-        """A sparse gradient padded to a size bucket for XLA
+    def _bucketed(self, grads, variables):
+        """Sparse gradients padded to a size bucket for XLA
         (`_distribute.bucketed`); unchanged without `jit_compile`."""
         if not self._jit_compile:
-            return grad
-        return _distribute.bucketed(grad, var)
+            return grads
+        return _distribute.bucketed(grads, variables)
+
+    def _run_time_config(self):
+        """The step's config with `beta_1`, `beta_2` and `epsilon` as tensor
+        arguments of the update (`_hyper.run_time_scalar`, as the adapters
+        pass them): as Python floats they are trace keys, and each value set
+        in an eager loop (a beta warm-up) compiled the update anew, its
+        program never freed."""
+        config = self._config
+        return config._replace(**{
+            name: _hyper.run_time_scalar(getattr(config, name))
+            for name in ("beta_1", "beta_2", "epsilon")})
 
     def minimize(self, loss, var_list, tape=None):
         """Computes gradients of `loss` and applies them.
