@@ -231,10 +231,11 @@ def bucketed_lengths(monkeypatch):
     lengths = []
     original = _distribute.bucketed
 
-    def recording(grad, var):
-        out = original(grad, var)
-        if isinstance(out, tf.IndexedSlices) and tf.executing_eagerly():
-            lengths.append(int(out.indices.shape[0]))
+    def recording(grads, variables):
+        out = original(grads, variables)
+        if tf.executing_eagerly():
+            lengths.extend(int(g.indices.shape[0]) for g in out
+                           if isinstance(g, tf.IndexedSlices))
         return out
 
     monkeypatch.setattr(_distribute, "bucketed", recording)
