@@ -59,7 +59,7 @@ def competitors(init):
 
     def without_bucketing(grad):
         bucketed = _distribute.bucketed
-        _distribute.bucketed = lambda g, v: g
+        _distribute.bucketed = lambda grads, variables: list(grads)
         try:
             unbucketed(grad)
         finally:
