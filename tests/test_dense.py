@@ -299,3 +299,31 @@ def test_a_nan_gradient_makes_the_norm_nan_on_every_path(mode, grad_form):
     assert np.isfinite(np.delete(norm.ravel(), 0)).all(), norm
     np.testing.assert_allclose(norm[1:], [[0.4995, 0.4995], [0.25, 0.25]],
                                rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_float16_accumulated_mean_is_kept_in_float32(mode):
+    """With gradient accumulation the mean of loss-scaled float16 gradients
+    reaches the update in float32 (the slots' and accumulator's dtype), not
+    rounded back to float16, where ~1e-8 flushed to zero and nothing
+    trained."""
+    from reference import dense_step
+
+    factor = 2.0**15
+    var = tf.Variable(np.full((2, 2), 0.25, np.float16))
+    opt = make_optimizer(mode, learning_rate=LR, loss_scale_factor=factor,
+                         gradient_accumulation_steps=2)
+    step = make_step(opt, mode, [var])
+    w, m, u = np.full((2, 2), 0.25), np.zeros((2, 2)), np.zeros((2, 2))
+    scaled = (2.0**-12, 2.0**-11, 2.0**-12, 2.0**-10)
+    for t, pair in enumerate((scaled[:2], scaled[2:]), start=1):
+        for g in pair:
+            step([tf.constant(np.full((2, 2), g, np.float16))])
+        mean = np.full((2, 2), sum(pair) / factor / 2)
+        w, m, u = dense_step(w, m, u, mean, LR, 0.9, 0.999, 1e-7, t)
+    np.testing.assert_allclose(to_numpy(opt.get_slot(var, "momentum")), m,
+                               rtol=1e-6)
+    np.testing.assert_allclose(to_numpy(opt.get_slot(var, "norm")), u,
+                               rtol=1e-6)
+    assert_allclose_according_to_type(var, w, "float16")
+    assert to_numpy(var)[0, 0] < 0.25

@@ -205,7 +205,9 @@ def apply_step(config: StepConfig, states, grads, decays, iteration,
                  + s.accumulator) / n
                 for g, s in zip(grads, states)
             ]
-            mean = [tf.cast(m, s.var.dtype) if s.var.dtype != m.dtype else m
+            # In the slots' dtype, as `prepare` gives a gradient: a float16
+            # mean of loss-scaled gradients would flush to zero.
+            mean = [tf.cast(m, _math.compute_dtype(s.var.dtype))
                     for m, s in zip(mean, states)]
             _update(config, states, clip(config, mean, global_norm), decays,
                     step, learning_rate)
