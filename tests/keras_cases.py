@@ -5,6 +5,7 @@ reference, and the child-process environment: nothing here imports either
 Keras, so each test module keeps to its own.
 """
 
+import itertools
 import logging
 import os
 
@@ -336,21 +337,23 @@ def check_dropped_rows_do_not_count_in_clip_norms(
         momentum=lambda opt, var: np.array(opt._m[0])):
     """Inside the user's XLA function, where index checks cannot run, rows
     outside the table are dropped; they must not count in the clip norms
-    either (they shrank the one valid row's update to a fifth). Also used
-    by the core's tests (`momentum` reads the slot)."""
+    either (they shrank the one valid row's update to a fifth), also when
+    the gradient has no `dense_shape` (the variable's shape counts). Also
+    used by the core's tests (`momentum` reads the slot)."""
     values = np.array([[0.3, 0.0], [4.0, 0.0], [0.0, 3.0]])
-    for clip in ("clipnorm", "global_clipnorm"):
-        for mode in ("exact", "lazy"):
-            var = variable_class(np.ones((4, 2)), dtype="float64")
-            opt = optimizer_class(0.1, sparse_mode=mode, **{clip: 1.0})
-            opt.build([var])
-            step = tf.function(lambda g: opt.apply_gradients([(g, var)]),
-                               jit_compile=True)
-            step(tf.IndexedSlices(tf.constant(values),
-                                  tf.constant([1, 4, -1], tf.int64),
-                                  tf.constant([4, 2], tf.int64)))
-            # Only row 1 is in the table: its norm 0.3 is below the clip.
-            want = np.zeros((4, 2))
-            want[1, 0] = 0.1 * 0.3
-            np.testing.assert_allclose(momentum(opt, var), want, rtol=1e-12,
-                                       err_msg=f"{clip} {mode}")
+    for clip, mode, dense_shape in itertools.product(
+            ("clipnorm", "global_clipnorm"), ("exact", "lazy"), ([4, 2], None)):
+        var = variable_class(np.ones((4, 2)), dtype="float64")
+        opt = optimizer_class(0.1, sparse_mode=mode, **{clip: 1.0})
+        opt.build([var])
+        step = tf.function(lambda g: opt.apply_gradients([(g, var)]),
+                           jit_compile=True)
+        step(tf.IndexedSlices(
+            tf.constant(values), tf.constant([1, 4, -1], tf.int64),
+            None if dense_shape is None
+            else tf.constant(dense_shape, tf.int64)))
+        # Only row 1 is in the table: its norm 0.3 is below the clip.
+        want = np.zeros((4, 2))
+        want[1, 0] = 0.1 * 0.3
+        np.testing.assert_allclose(momentum(opt, var), want, rtol=1e-12,
+                                   err_msg=f"{clip} {mode} {dense_shape}")

@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -620,7 +621,7 @@ def test_a_nan_gradient_makes_the_norm_nan():
 
 
 @pytest.mark.parametrize("units", (4, 6))
-@pytest.mark.parametrize("change", ("unfrozen", "frozen"))
+@pytest.mark.parametrize("change", ("unfrozen", "frozen", "swapped"))
 def test_load_model_skips_slots_saved_for_other_trainable_variables(
         tmp_path, change, units):
     # tf-keras restores slots by position: a SavedModel saved after layers
@@ -632,11 +633,16 @@ def test_load_model_skips_slots_saved_for_other_trainable_variables(
     x = rng.normal(size=(16, 4)).astype("float32")
     base = tf_keras.Sequential(
         [tf_keras.layers.Dense(units, input_shape=(4,), name="b")])
-    model = tf_keras.Sequential([base, tf_keras.layers.Dense(units, name="h")])
-    base.trainable = change != "unfrozen"
+    head = tf_keras.layers.Dense(units, name="h")
+    model = tf_keras.Sequential([base, head])
+    # "swapped": as many variables of the same shapes before and after
+    # (with 4 units), so only their names tell the slots apart.
+    base.trainable = change == "frozen"
     model.compile(optimizer=Adamax(0.05), loss="mse")
     model.fit(x, x[:, :1], batch_size=8, verbose=0)
     base.trainable = not base.trainable
+    if change == "swapped":
+        head.trainable = False
     path = str(tmp_path / "saved_model")
     model.save(path, save_format="tf")
     with pytest.warns(UserWarning, match="Skipping the optimizer state"):
@@ -654,3 +660,17 @@ def test_load_model_skips_slots_saved_for_other_trainable_variables(
 
 def test_rows_dropped_in_xla_do_not_count_in_clip_norms():
     check_dropped_rows_do_not_count_in_clip_norms(Adamax, tf.Variable)
+
+
+def test_load_model_of_a_model_saved_before_training(tmp_path):
+    # Its optimizer saved only its step counter: nothing to skip, no warning.
+    model = token_model()
+    model.compile(optimizer=Adamax(0.02), loss="mse")
+    path = str(tmp_path / "saved_model")
+    model.save(path, save_format="tf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        restored = tf_adamax.tf_keras.load_model(path)
+    ids, y = token_regression_data()
+    restored.fit(ids[:8], y[:8], batch_size=4, verbose=0)
+    assert int(restored.optimizer.iterations.numpy()) == 2

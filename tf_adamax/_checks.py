@@ -67,6 +67,17 @@ def tensor_slices(grad):
         None if shape is None else tf.convert_to_tensor(shape))
 
 
+def with_dense_shape(grads, variables):
+    """Sparse gradients without a `dense_shape` get their variable's shape
+    (for the adapters, whose Keras hooks see gradients without their
+    variables: the clip norms must leave out rows past the table, and Keras
+    3 densifies accumulated gradients); other gradients as they are."""
+    return [tf.IndexedSlices(g.values, g.indices, tf.shape(
+        _distribute.unwrap(v), out_type=g.indices.dtype))
+            if isinstance(g, tf.IndexedSlices) and g.dense_shape is None
+            else g for g, v in zip(grads, variables)]
+
+
 def check_pair(grad, var):
     """Static checks of one (gradient, variable) pair; raises naming var."""
     check_variable(var)

@@ -292,8 +292,7 @@ class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
         the update); out-of-range sparse indices raise as with Keras's own
         optimizers, where inside XLA they would be dropped silently. With
         `loss_scale_factor`, sparse gradients are made divisible for Keras
-        3's unscaling; with gradient accumulation, one without `dense_shape`
-        gets its variable's.
+        3's unscaling; one without `dense_shape` gets its variable's.
         """
         grads = [_checks.tensor_slices(g) for g in grads]
         if trainable_variables is not None:
@@ -310,13 +309,8 @@ class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
             # out of the train function (XLA refuses such a function).
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
-        if variables is not None and self.gradient_accumulation_steps:
-            # Keras 3 densifies accumulated sparse gradients, which needs
-            # their dense_shape: a checked gradient's is its variable's.
-            grads = [tf.IndexedSlices(g.values, g.indices, tf.shape(
-                _tf_variable(v), out_type=g.indices.dtype))
-                     if isinstance(g, tf.IndexedSlices) and g.dense_shape is None
-                     else g for g, v in zip(grads, variables)]
+        if variables is not None:
+            grads = _checks.with_dense_shape(grads, variables)
         self._lazy_decay = _hyper.lazy_decay_keys(
             self.sparse_mode, bool(self.gradient_accumulation_steps), grads,
             variables, self._var_key,

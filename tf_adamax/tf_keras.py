@@ -255,8 +255,10 @@ class Adamax(_adapter.KernelUpdates, tf_keras.optimizers.Optimizer):
         """
         grads_and_vars = [(_checks.tensor_slices(g), v)
                           for g, v in grads_and_vars]
-        grads = [g for g, _ in grads_and_vars]
         variables = [v for _, v in grads_and_vars]
+        grads = _checks.with_dense_shape([g for g, _ in grads_and_vars],
+                                         variables)
+        grads_and_vars = list(zip(grads, variables))
         # Mirrored variables outside `strategy.run`: tf-keras would update
         # each copy with the one gradient (or fail inside XLA, or in the
         # strategy's scope on a missing merge_call) instead.
@@ -431,8 +433,8 @@ def _slots_for_other_variables(saved, built):
     """A description of where the saved optimizer variable names differ
     from the built optimizer's (saved names may carry the optimizer's name
     scope), or "" when they agree or the saved ones are unknown."""
-    if saved is None:
-        return ""
+    if saved is None or len(saved) <= 1:
+        return ""  # unknown, or saved before the first step: no slots
     built = [re.sub(r":\d+$", "", name) for name in built]
     if len(saved) != len(built):
         return f"{len(saved)} variables saved, {len(built)} now"
