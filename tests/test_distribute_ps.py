@@ -178,13 +178,32 @@ def child_eager_chief():
     with strategy.scope():
         var = tf.Variable(tf.reshape(tf.range(8.0), [4, 2]), name="eager_emb")
         opt = tf_adamax.Adamax(0.1)
+        # Lazy, two tables whose sparse lengths are not bucket sizes: the
+        # op-by-op step must get them unpadded (its gather refuses the
+        # padding rows' index).
+        tables = [tf.Variable(tf.zeros([20, 2])), tf.Variable(tf.zeros([10, 2]))]
+        lazy = tf_adamax.Adamax(0.1, sparse_mode="lazy")
     try:
         for _ in range(2):
             opt.apply_gradients(zip(_eager_grads(tf, var.variables), var.variables))
+        shards = [t for table in tables for t in table.variables]
+        lazy.apply_gradients(zip(_lazy_grads(tf, shards), shards))
     except Exception:  # noqa: BLE001 - reported by the owning test
         return {"eager_chief": dh.error_record()}
     return {"eager_chief": {"shards": [s.numpy().tolist() for s in var.variables],
-                            "iterations": int(opt.iterations.numpy())}}
+                            "iterations": int(opt.iterations.numpy()),
+                            "tables": [t.numpy().tolist() for t in shards]}}
+
+
+def _lazy_grads(tf, shards):
+    """Per shard, a sparse gradient naming all its rows but one, so no
+    length is a bucket size and the shards of a server differ in length."""
+    grads = []
+    for i, shard in enumerate(shards):
+        n = shard.shape[0] - 1
+        grads.append(tf.IndexedSlices((-1.0) ** i * tf.ones([n, 2]), tf.range(n),
+                                      tf.constant(shard.shape)))
+    return grads
 
 
 @pytest.fixture(scope="module")
@@ -275,3 +294,10 @@ def test_eager_update_on_the_coordinator_matches_one_device(tmp_path):
     for got, want in zip(rec["shards"], shards):
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-6)
     assert not np.array_equal(np.concatenate(rec["shards"]), values)
+    tables = [tf.Variable(tf.zeros([len(t), 2])) for t in rec["tables"]]
+    tf_adamax.Adamax(0.1, sparse_mode="lazy").apply_gradients(
+        zip(_lazy_grads(tf, tables), tables))
+    for got, want in zip(rec["tables"], tables):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-6)
+        assert np.count_nonzero(np.asarray(got)[:-1]) == 2 * (len(got) - 1)
+        assert not np.any(np.asarray(got)[-1])  # the row not named

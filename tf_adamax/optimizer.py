@@ -616,7 +616,7 @@ class Adamax(tf.Module):
                 [_distribute.local(strategy, g)[0] for g in grads], variables)
         decays = [self._decays(v) for v in variables]
         states = self._states(variables)
-        update = self._fns.update
+        update, pad = self._fns.update, self._jit_compile
         if (self._jit_compile and tf.executing_eagerly()
                 and _distribute.is_parameter_server(self._strategy)):
             # An eager step on the coordinator (outside the strategy's
@@ -624,8 +624,9 @@ class Adamax(tf.Module):
             # an eager XLA function that writes a parameter server's
             # variables (InternalError: KernelAndDeviceOp does not support
             # EagerFunctionParams), so the same step runs op by op there.
-            # Scheduled steps (tf.functions) stay compiled.
-            update = _step.apply_step
+            # Scheduled steps (tf.functions) stay compiled. Unpadded: outside
+            # XLA the lazy kernel's gather refuses the padding rows' index.
+            update, pad = _step.apply_step, False
         config = self._run_time_config()
         with tf.control_dependencies(checks):
             for group in groups:
@@ -644,7 +645,7 @@ class Adamax(tf.Module):
                             [_checks.static_shape(_distribute.component(
                                 strategy, grads[i], group), variables[i])
                              for i in group.positions],
-                            [variables[i] for i in group.positions]),
+                            [variables[i] for i in group.positions], pad),
                         [decays[i] for i in group.positions],
                         iteration, lr, global_norm)
                     # As every Keras optimizer: a variable's constraint
@@ -664,10 +665,11 @@ class Adamax(tf.Module):
                     read_value=False)
         return self.iterations
 
-    def _bucketed(self, grads, variables):
+    @staticmethod
+    def _bucketed(grads, variables, pad):
         """Sparse gradients padded to a size bucket for XLA
-        (`_distribute.bucketed`); unchanged without `jit_compile`."""
-        if not self._jit_compile:
+        (`_distribute.bucketed`) if `pad`, the update being compiled."""
+        if not pad:
             return grads
         return _distribute.bucketed(grads, variables)
 
