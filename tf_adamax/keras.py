@@ -338,7 +338,9 @@ class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
                                    dtype)))
 
     def _clips(self):
-        return any(x is not None and x > 0 for x in (
+        # Zero clips reach Keras as None (the constructor), and negative
+        # ones are refused there.
+        return any(x is not None for x in (
             self.clipnorm, self.clipvalue, self.global_clipnorm))
 
     def _sums_before_clipping(self):

@@ -637,15 +637,16 @@ class Adamax(tf.Module):
                         strategy, self._learning_rate, group)
                         if isinstance(self._learning_rate, tf.Variable)
                         else None)
+                    part = [_checks.static_shape(_distribute.component(
+                        strategy, grads[i], group), variables[i])
+                        for i in group.positions]
                     update(
                         config,
                         [_component_state(strategy, states[i], group)
                          for i in group.positions],
-                        self._bucketed(
-                            [_checks.static_shape(_distribute.component(
-                                strategy, grads[i], group), variables[i])
-                             for i in group.positions],
-                            [variables[i] for i in group.positions], pad),
+                        _distribute.bucketed(
+                            part, [variables[i] for i in group.positions])
+                        if pad else part,
                         [decays[i] for i in group.positions],
                         iteration, lr, global_norm)
                     # As every Keras optimizer: a variable's constraint
@@ -664,14 +665,6 @@ class Adamax(tf.Module):
                     // self._config.gradient_accumulation_steps,
                     read_value=False)
         return self.iterations
-
-    @staticmethod
-    def _bucketed(grads, variables, pad):
-        """Sparse gradients padded to a size bucket for XLA
-        (`_distribute.bucketed`) if `pad`, the update being compiled."""
-        if not pad:
-            return grads
-        return _distribute.bucketed(grads, variables)
 
     def _run_time_config(self):
         """The step's config with `beta_1`, `beta_2` and `epsilon` as tensor

@@ -255,15 +255,15 @@ class Adamax(_adapter.KernelUpdates, tf_keras.optimizers.Optimizer):
         """
         grads_and_vars = [(_checks.tensor_slices(g), v)
                           for g, v in grads_and_vars]
+        grads = [g for g, _ in grads_and_vars]
         variables = [v for _, v in grads_and_vars]
-        grads = _checks.with_dense_shape([g for g, _ in grads_and_vars],
-                                         variables)
-        grads_and_vars = list(zip(grads, variables))
         # Mirrored variables outside `strategy.run`: tf-keras would update
         # each copy with the one gradient (or fail inside XLA, or in the
         # strategy's scope on a missing merge_call) instead.
         _distribute.check_replica_context(variables)
         checks = _checks.checked_before_keras(grads, variables)
+        grads = _checks.with_dense_shape(grads, variables)  # as Keras 3's
+        grads_and_vars = list(zip(grads, variables))
         self._check_known([v for g, v in grads_and_vars if g is not None])
         self._lazy_decay = _hyper.lazy_decay_keys(
             self.sparse_mode, False, grads, variables, self._var_key,
