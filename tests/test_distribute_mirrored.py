@@ -64,7 +64,9 @@ def child_mirrored(configs, num_steps, ckpt_modes, ckpt_dir):
                        ("sparse-stays-sparse", child_sparse_stays_sparse),
                        ("bfloat16-sparse", child_bfloat16_sparse),
                        ("shared-gradient", child_shared_gradient),
-                       ("mixed-dtypes", child_mixed_dtypes)):
+                       ("mixed-dtypes", child_mixed_dtypes),
+                       ("tpu-program", child_tpu_program),
+                       ("component-slot", child_component_slot)):
         try:
             results[key] = child(tf, strategy)
         except Exception:  # noqa: BLE001 - reported by the owning test
@@ -136,6 +138,88 @@ def child_constraint(tf, strategy):
             step(tf.constant(t))
         out[f"jit={jit}"] = [v.numpy().tolist()
                              for v in strategy.experimental_local_results(var)]
+    return out
+
+
+# Replica r's gradients at step t: a table (5 x 2) named by repeated ids of
+# opposite signs, and a dense vector. Rows 3 and 4 are never named.
+TPU_IDS = ([[0, 2, 0], [1, 1, 2]], [[2, 0, 2], [0, 1, 0]])
+TPU_VALUES = ([[[1.0, -2.0], [0.5, 0.5], [-3.0, 1.0]],
+               [[2.0, 1.0], [-2.0, 0.5], [1.0, 1.0]]],
+              [[[-0.5, 1.0], [1.0, 2.0], [0.25, -1.0]],
+               [[1.0, -1.0], [0.5, 0.5], [-1.0, 3.0]]])
+TPU_DENSE = ([[1.0, -1.0, 2.0], [0.5, 0.5, -1.0]],
+             [[-2.0, 1.0, 1.0], [1.0, -0.5, 0.25]])
+TPU_LR, TPU_CLIP = 0.1, 2.5
+
+
+def child_tpu_program(tf, strategy):
+    """The update built as inside a TPUStrategy's replicated program (no TPU
+    here): `_private.in_tpu_program` and `in_xla_context` answer True while
+    the step is traced, as TF's TPUReplicateContext makes them. The update
+    must then take the distributed variables whole, with no nested XLA
+    function; the copies of each variable, per mode and jit setting."""
+    import tf_adamax
+    from tf_adamax import _private
+
+    ids, vals, dense = (tf.constant(x) for x in (TPU_IDS, TPU_VALUES, TPU_DENSE))
+    out = {}
+    real = (getattr(_private, "in_tpu_program", None), _private.in_xla_context)
+    try:
+        _private.in_tpu_program = _private.in_xla_context = lambda: True
+        for mode in ("exact", "lazy"):
+            for jit in (True, False):
+                for clip in (None, TPU_CLIP):
+                    with strategy.scope():
+                        table = tf.Variable(tf.ones((5, 2)))
+                        vec = tf.Variable([1.0, 2.0, -1.0])
+                        opt = tf_adamax.Adamax(TPU_LR, sparse_mode=mode,
+                                               jit_compile=jit,
+                                               global_clipnorm=clip)
+
+                    def nested(*args, **kwargs):
+                        raise AssertionError("nested XLA update called")
+                    opt._fns.update = nested
+
+                    @tf.function
+                    def step(t, table=table, vec=vec, opt=opt):
+                        def replica_fn():
+                            r = tf.distribute.get_replica_context(
+                                ).replica_id_in_sync_group
+                            opt.apply_gradients([
+                                (tf.IndexedSlices(vals[r, t], ids[r, t],
+                                                  tf.constant([5, 2])), table),
+                                (dense[r, t], vec)])
+                        strategy.run(replica_fn)
+
+                    for t in range(2):
+                        step(tf.constant(t))
+                    out[f"{mode}/jit={jit}/clip={clip}"] = {
+                        name: [[x.numpy().tolist() for x in
+                                strategy.experimental_local_results(v)]
+                               for v in (var, opt.get_slot(var, "momentum"),
+                                         opt.get_slot(var, "norm"))]
+                        for name, var in (("table", table), ("vec", vec))}
+    finally:
+        _private.in_tpu_program, _private.in_xla_context = real
+    return out
+
+
+def child_component_slot(tf, strategy):
+    """`get_slot` for each per-device copy of a mirrored variable."""
+    import tf_adamax
+
+    with strategy.scope():
+        var = tf.Variable([1.0, 2.0])
+        opt = tf_adamax.Adamax(0.1)
+    opt.build([var])
+    out = {}
+    for i, copy in enumerate(strategy.experimental_local_results(var)):
+        try:
+            out[f"copy{i}"] = all(opt.get_slot(copy, s) is opt.get_slot(var, s)
+                                  for s in ("momentum", "norm"))
+        except Exception as e:  # noqa: BLE001 - recorded for the test
+            out[f"copy{i}"] = f"{type(e).__name__}: {e}"
     return out
 
 
@@ -661,3 +745,55 @@ def test_float16_and_float32_variables_are_summed_in_one_call(mirrored_results):
                                        err_msg=front)
             np.testing.assert_allclose(full, expected[1], rtol=1e-6,
                                        err_msg=front)
+
+
+def test_update_inside_a_tpu_program_takes_the_variables_whole(mirrored_results):
+    # TPUStrategy runs `strategy.run` as one XLA program per core, where TF's
+    # `extended.update` calls the update once with the whole TPU variable.
+    # The core raised there ("apply_gradients was called inside a
+    # tf.function(jit_compile=True)"), and would have updated every core's
+    # copy from each core's program, in a nested XLA function, with float64
+    # betas. Emulated on MirroredStrategy: every copy must still equal one
+    # device fed the summed gradients (NumPy float64), clipped or not.
+    from reference import exact_sparse_step, lazy_sparse_step, dense_step
+
+    rec = dh.check_record(mirrored_results["tpu-program"])
+    assert len(rec) == 8, sorted(rec)
+    ids = np.concatenate(TPU_IDS, axis=1)          # [step, both replicas' ids]
+    vals = np.concatenate(TPU_VALUES, axis=1)
+    dense = np.sum(TPU_DENSE, axis=0)
+    for case, got in rec.items():
+        mode, _, clip = case.split("/")
+        sparse_step = exact_sparse_step if mode == "exact" else lazy_sparse_step
+        table = [np.ones((5, 2)), np.zeros((5, 2)), np.zeros((5, 2))]
+        vec = [np.array([1.0, 2.0, -1.0]), np.zeros(3), np.zeros(3)]
+        for t in range(2):
+            g_table = np.zeros((5, 2))
+            np.add.at(g_table, ids[t], vals[t])
+            scale = 1.0
+            if clip != "clip=None":
+                norm = np.sqrt(np.sum(g_table ** 2) + np.sum(dense[t] ** 2))
+                scale = min(1.0, TPU_CLIP / norm)
+            table = list(sparse_step(*table, ids[t], vals[t] * scale, TPU_LR,
+                                     0.9, 0.999, 1e-7, t + 1))
+            vec = list(dense_step(*vec, dense[t] * scale, TPU_LR, 0.9, 0.999,
+                                  1e-7, t + 1))
+        for name, want in (("table", table), ("vec", vec)):
+            for what, copies, expected in zip(("var", "momentum", "norm"),
+                                              got[name], want):
+                assert len(copies) == NUM_REPLICAS, (case, name)
+                for copy in copies:
+                    np.testing.assert_allclose(
+                        copy, expected, rtol=2e-6, atol=1e-6,
+                        err_msg=f"{case} {name} {what}")
+        if mode == "lazy":  # rows 3 and 4 were never named
+            for copies in got["table"][1:]:
+                for copy in copies:
+                    assert np.all(np.array(copy)[3:] == 0), case
+
+
+def test_get_slot_of_each_copy_of_a_mirrored_variable(mirrored_results):
+    # TF 2.21 links a copy to its MirroredVariable on the copy's handle only;
+    # the copy of the second device had "no slot 'norm' yet" (KeyError).
+    rec = dh.check_record(mirrored_results["component-slot"])
+    assert rec == {f"copy{i}": True for i in range(NUM_REPLICAS)}, rec

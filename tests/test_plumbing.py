@@ -643,3 +643,17 @@ def test_lazy_duplicate_sums_by_hashing(dtype, jit, length):
     others = np.ones(len(rows), bool)
     others[holder] = False
     np.testing.assert_array_equal(once[others], 0.0)  # each row once
+
+
+@pytest.mark.parametrize("cls", [tf.distribute.TPUStrategy,
+                                 tf.distribute.experimental.TPUStrategy],
+                         ids=["TPUStrategy", "experimental.TPUStrategy"])
+def test_both_tpu_strategy_classes_keep_float32_state(cls):
+    # The experimental class (still exported) is not a subclass of the other:
+    # under it the rate was stored as float64, which TPUs cannot hold. No
+    # TPU here, so the strategy object is not initialised.
+    strategy = object.__new__(cls)
+    assert _distribute.is_tpu(strategy)
+    assert _distribute.state_float_dtype(strategy) == tf.float32
+    assert _distribute.state_float_dtype(
+        tf.distribute.get_strategy()) == tf.float64

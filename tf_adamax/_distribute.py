@@ -76,7 +76,9 @@ def check_not_in_xla_replica():
     gradients nor update variables held on other devices (the copies of a
     mirrored variable, or CentralStorage's variables on their one device).
     """
-    if not in_replica_context():
+    if not in_replica_context() or _private.in_tpu_program():
+        # A TPUStrategy's replicated program is XLA too, by design: there
+        # the update runs once on the TPU variables (see `plan`).
         return
     strategy = current_strategy()
     if strategy.num_replicas_in_sync > 1 and _private.in_xla_context():
@@ -186,15 +188,20 @@ def create_state(strategy, initial_value, name, dtype):
             )
 
 
+def is_tpu(strategy):
+    """True for both TPUStrategy classes TF 2.21 exports (the experimental
+    one is not a subclass of `tf.distribute.TPUStrategy`)."""
+    return isinstance(strategy, (tf.distribute.TPUStrategy,
+                                 tf.distribute.experimental.TPUStrategy))
+
+
 def state_float_dtype(strategy):
     """float64 for the stored learning rate, except on TPUs (no float64).
 
     A float32 learning rate of 0.001 is off by 5e-8 relative, which a
     float64 model would see; TPUs cannot hold float64 state at all.
     """
-    if isinstance(strategy, tf.distribute.TPUStrategy):
-        return tf.float32
-    return tf.float64
+    return tf.float32 if is_tpu(strategy) else tf.float64
 
 
 def replica_own(grad):
@@ -216,8 +223,8 @@ def replica_own(grad):
     """
     if isinstance(grad, tf.IndexedSlices):
         values = grad.values
-        widen = values.dtype == tf.bfloat16 and not isinstance(
-            tf.distribute.get_strategy(), tf.distribute.TPUStrategy)
+        widen = values.dtype == tf.bfloat16 and not is_tpu(
+            tf.distribute.get_strategy())
         values = (tf.cast(values, tf.float32) if widen
                   else tf.identity(values))
         return tf.IndexedSlices(values, tf.identity(grad.indices),
@@ -293,6 +300,9 @@ class Group(typing.NamedTuple):
     device: str
     positions: typing.List[int]
     replica: typing.Optional[int]
+    # Inside a TPUStrategy's program: the update takes the distributed
+    # variables themselves (`component` returns them whole).
+    whole: bool = False
 
 
 def plan(strategy, variables):
@@ -305,6 +315,13 @@ def plan(strategy, variables):
     there, because a compiled program can only touch resources on its own
     device.
     """
+    if _private.in_tpu_program():
+        # Every TPU core runs this program on its own copy of each variable,
+        # so the update is built once, on the TPU variables, as TF's
+        # `strategy.extended.update` does there (it calls the update once
+        # with the whole variable); per-device copies and device scopes
+        # would make each core's program touch every core's copy.
+        return [Group("", list(range(len(variables))), None, True)], True
     components = [local(strategy, unwrap(v)) for v in variables]
     counts = {len(c) for c in components}
     if len(counts) == 1 and counts.pop() > 1:
@@ -320,7 +337,13 @@ def plan(strategy, variables):
 
 
 def component(strategy, value, group):
-    """`value`'s component for `group` (the value itself if not per-device)."""
+    """`value`'s component for `group` (the value itself if not per-device).
+
+    For a `whole` group a variable is itself and a reduced gradient the
+    value this program holds.
+    """
+    if group.whole and isinstance(value, tf.Variable):
+        return value
     parts = local(strategy, value)
     if group.replica is None or len(parts) == 1:
         return parts[0]

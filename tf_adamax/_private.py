@@ -5,6 +5,7 @@ changes, this is the only file to touch.
 """
 
 import tensorflow as tf
+from tensorflow.python.distribute import tpu_util
 from tensorflow.python.ops import control_flow_util
 from tensorflow.python.saved_model.registration import registration
 
@@ -18,6 +19,16 @@ def distributed_container(var):
     `_var_key` uses the same attribute).
     """
     container = getattr(var, "_distributed_container", None)
+    if container is None and not isinstance(var,
+                                            tf.distribute.DistributedValues):
+        # TF 2.21 keeps the link of a per-device ResourceVariable (a
+        # CompositeTensor) on its handle, as `distribute_utils.
+        # value_container` reads it.
+        try:
+            handle = var.handle
+        except (AttributeError, ValueError, TypeError):
+            handle = None
+        container = getattr(handle, "_distributed_container", None)
     return container() if container is not None else None
 
 
@@ -40,6 +51,17 @@ def in_xla_context():
     """
     return control_flow_util.GraphOrParentsInXlaContext(
         tf.compat.v1.get_default_graph())
+
+
+def in_tpu_program():
+    """True while building a TPUStrategy's replicated program (its
+    `strategy.run`, and the `merge_call` inside it).
+
+    There every core runs the same program on its own copy of each TPU
+    variable, and `strategy.extended.update` calls the update once with the
+    whole variable. TF exposes the test only in `tpu_util`.
+    """
+    return tpu_util.enclosing_tpu_context() is not None
 
 
 def is_sharded(var):

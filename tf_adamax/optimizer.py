@@ -628,6 +628,11 @@ class Adamax(tf.Module):
             # XLA the lazy kernel's gather refuses the padding rows' index.
             update, pad = _step.apply_step, False
         config = self._run_time_config()
+        if groups[0].whole:
+            # Inside a TPUStrategy's program, which XLA compiles whole: no
+            # nested XLA function, and no float64 arguments (TPUs have no
+            # float64; the betas stay trace-time constants there).
+            update, pad, config = _step.apply_step, False, self._config
         with tf.control_dependencies(checks):
             for group in groups:
                 with tf.device(group.device):
