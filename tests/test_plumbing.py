@@ -423,6 +423,85 @@ def test_global_clipnorm_over_devices_divides_the_loss_scale_first(tmp_path):
             np.testing.assert_allclose(g, e, rtol=1e-12)
 
 
+SPLIT_ACCUMULATION_SCRIPT = textwrap.dedent("""
+    import json, os
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    import numpy as np
+    import tensorflow as tf
+    cpus = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(
+        cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+    import tf_adamax
+
+    steps = json.loads(os.environ["STEPS"])
+    out = {}
+    for jit in (True, False):
+        for mode in ("exact", "lazy"):
+            with tf.device("/cpu:0"):
+                table = tf.Variable(tf.zeros((4, 2), tf.float64))
+            with tf.device("/cpu:1"):
+                vec = tf.Variable(tf.zeros(3, tf.float64))
+            opt = tf_adamax.Adamax(0.1, global_clipnorm=1.5,
+                                   gradient_accumulation_steps=2,
+                                   loss_scale_factor=4.0, sparse_mode=mode,
+                                   jit_compile=jit)
+            step = tf.function(lambda grads, opt=opt, table=table, vec=vec:
+                               opt.apply_gradients(zip(grads, (table, vec))))
+            for ids, values, dense in steps:
+                step([tf.IndexedSlices(tf.constant(values, tf.float64),
+                                       tf.constant(ids), tf.constant([4, 2])),
+                      tf.constant(dense, tf.float64)])
+            out[f"jit={jit}/{mode}"] = {
+                "devices": [table.device, vec.device],
+                "values": [[v.numpy().tolist() for v in
+                            (var, opt.get_slot(var, "momentum"),
+                             opt.get_slot(var, "norm"))]
+                           for var in (table, vec)]}
+    print(json.dumps(out))
+""")
+SPLIT_ACCUMULATION_STEPS = [
+    ([0, 2, 0], [[4.0, -8.0], [2.0, 2.0], [-12.0, 4.0]], [4.0, -4.0, 8.0]),
+    ([1, 1, 2], [[8.0, 4.0], [-8.0, 2.0], [4.0, 4.0]], [2.0, 2.0, -4.0]),
+    ([2, 0, 2], [[-2.0, 4.0], [4.0, 8.0], [1.0, -4.0]], [-8.0, 4.0, 4.0]),
+    ([0, 1, 0], [[4.0, -4.0], [2.0, 2.0], [-4.0, 12.0]], [4.0, -2.0, 1.0]),
+]
+
+
+def test_global_clipnorm_with_accumulation_over_devices(tmp_path, monkeypatch):
+    # Variables placed by hand on two devices (no strategy) run one program
+    # each, so the norm is taken apart; with gradient_accumulation_steps it
+    # must be the norm of the means the update clips. This raised
+    # NotImplementedError (naming parameter servers) after creating slots.
+    import json
+
+    monkeypatch.setenv("STEPS", json.dumps(SPLIT_ACCUMULATION_STEPS))
+    out = json.loads(_run_script(
+        tmp_path, SPLIT_ACCUMULATION_SCRIPT).strip().splitlines()[-1])
+    assert len(out) == 4
+    for case, got in out.items():
+        mode = case.split("/")[1]
+        ref = AdamaxReference(learning_rate=0.1, global_clipnorm=1.5,
+                              gradient_accumulation_steps=2,
+                              loss_scale_factor=4.0, sparse_mode=mode)
+        unclipped = AdamaxReference(learning_rate=0.1,
+                                    gradient_accumulation_steps=2,
+                                    loss_scale_factor=4.0, sparse_mode=mode)
+        for r in (ref, unclipped):
+            r.add_variable("table", np.zeros((4, 2)))
+            r.add_variable("vec", np.zeros(3))
+            for ids, values, dense in SPLIT_ACCUMULATION_STEPS:
+                r.apply({"table": SparseGrad(np.array(ids), np.array(values)),
+                         "vec": np.array(dense)})
+        assert not np.allclose(ref.m["vec"], unclipped.m["vec"])  # clipped
+        assert "CPU:0" in got["devices"][0] and "CPU:1" in got["devices"][1]
+        for name, (var, m, u) in zip(("table", "vec"), got["values"]):
+            want = (ref.w[name], ref.m[name], ref.u[name])
+            for what, g, w in zip(("var", "momentum", "norm"), (var, m, u),
+                                  want):
+                np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-15,
+                                           err_msg=f"{case} {name} {what}")
+
+
 def test_importing_tf_adamax_imports_no_keras():
     # TensorFlow itself imports Keras 3 (for tf.keras); tf_adamax must add
     # nothing to that and never import tf_keras.

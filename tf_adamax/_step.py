@@ -141,17 +141,43 @@ def global_norm_of(grads):
                    else tf.constant(0.0, dtype))
 
 
-def global_grad_norm(config, grads, variables):
+def global_grad_norm(config, grads, variables, accumulators=None):
     """The norm `global_clipnorm` clips to, over gradients of all devices.
 
     Used when the variables are split over devices (one program each), so no
-    single program sees every gradient.
+    single program sees every gradient. With gradient accumulation
+    (`accumulators`, one per variable) it is the norm of the means an update
+    call clips, each accumulator read on its own device; calls that only
+    accumulate do not use it.
     """
+    if accumulators is not None:
+        return global_norm_of([
+            _accumulated_mean(config, g, v, a)
+            for g, v, a in zip(_unscaled(config, [
+                prepare(g, v) for g, v in zip(grads, variables)]),
+                variables, accumulators)])
     prepared = [prepare(g, v) for g, v in zip(grads, variables)]
     norm = global_norm_of(prepared)
     if config.loss_scale_factor is not None:
         norm = norm / _math.as_dtype(config.loss_scale_factor, norm.dtype)
     return norm
+
+
+def _unscaled(config, grads):
+    """Prepared gradients divided by `loss_scale_factor` (if set)."""
+    if config.loss_scale_factor is None:
+        return grads
+    return [_map(g, lambda v: v / _math.as_dtype(config.loss_scale_factor,
+                                                 v.dtype)) for g in grads]
+
+
+def _accumulated_mean(config, grad, var, accumulator):
+    """The mean of the accumulated gradients and this call's (unscaled,
+    prepared) `grad`, in the slots' dtype: a float16 mean of loss-scaled
+    gradients would flush to zero."""
+    mean = (tf.cast(_to_dense(grad, var), accumulator.dtype)
+            + accumulator) / config.gradient_accumulation_steps
+    return tf.cast(mean, _math.compute_dtype(var.dtype))
 
 
 def _update(config, states, grads, decays, step, learning_rate):
@@ -188,11 +214,8 @@ def apply_step(config: StepConfig, states, grads, decays, iteration,
     control dependencies); nothing is returned, so the function can be
     wrapped in `tf.function(jit_compile=True)` as is.
     """
-    grads = [prepare(g, s.var, config.sparse_mode)
-             for g, s in zip(grads, states)]
-    if config.loss_scale_factor is not None:
-        grads = [_map(g, lambda v: v / _math.as_dtype(
-                    config.loss_scale_factor, v.dtype)) for g in grads]
+    grads = _unscaled(config, [prepare(g, s.var, config.sparse_mode)
+                               for g, s in zip(grads, states)])
     # Keras 3: with accumulation, t and the EMA count updates (calls // N).
     n = config.gradient_accumulation_steps
     updates = iteration // n if n else iteration
@@ -200,15 +223,8 @@ def apply_step(config: StepConfig, states, grads, decays, iteration,
 
     if n:
         def update_with_mean():
-            mean = [
-                (tf.cast(_to_dense(g, s.var), s.accumulator.dtype)
-                 + s.accumulator) / n
-                for g, s in zip(grads, states)
-            ]
-            # In the slots' dtype, as `prepare` gives a gradient: a float16
-            # mean of loss-scaled gradients would flush to zero.
-            mean = [tf.cast(m, _math.compute_dtype(s.var.dtype))
-                    for m, s in zip(mean, states)]
+            mean = [_accumulated_mean(config, g, s.var, s.accumulator)
+                    for g, s in zip(grads, states)]
             _update(config, states, clip(config, mean, global_norm), decays,
                     step, learning_rate)
             for s in states:  # ordered after the reads above (same resource)

@@ -604,18 +604,15 @@ class Adamax(tf.Module):
             groups = _distribute.split_for_cores(groups, variables,
                                                   _distribute.cores())
         global_norm = None
-        if (self._config.global_clipnorm is not None and len(groups) > 1
-                and not replicated):
-            if self._config.gradient_accumulation_steps:
-                raise NotImplementedError(
-                    "global_clipnorm with gradient_accumulation_steps is not "
-                    "supported when variables are spread over several "
-                    "devices without replication (parameter servers).")
-            global_norm = _step.global_grad_norm(
-                self._config,
-                [_distribute.local(strategy, g)[0] for g in grads], variables)
         decays = [self._decays(v) for v in variables]
         states = self._states(variables)
+        if (self._config.global_clipnorm is not None and len(groups) > 1
+                and not replicated):
+            global_norm = _step.global_grad_norm(
+                self._config,
+                [_distribute.local(strategy, g)[0] for g in grads], variables,
+                [s.accumulator for s in states]
+                if self._config.gradient_accumulation_steps else None)
         update, pad = self._fns.update, self._jit_compile
         if (self._jit_compile and tf.executing_eagerly()
                 and _distribute.is_parameter_server(self._strategy)):
