@@ -237,6 +237,47 @@ def test_ema_of_a_variable_first_updated_later_matches_keras3(mode):
                                0.9 * 4.0 + 0.1 * late.numpy(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("jit", (True, False), ids=("jit", "nojit"))
+@pytest.mark.parametrize("overwrite", (None, 2))
+def test_ema_of_a_variable_created_in_a_later_tf_function(jit, overwrite):
+    # A variable created inside a tf.function (a head built lazily) after
+    # training started: TF gives it its value only after tracing, so its
+    # average was created as zeros and moved from there (0.1x the weights,
+    # which finalize_variable_values or an overwrite then put in the model).
+    # It starts at the weights, as for a variable created eagerly.
+    lr, momentum = 0.1, 0.9
+    opt = tf_adamax.Adamax(lr, use_ema=True, ema_momentum=momentum,
+                           ema_overwrite_frequency=overwrite, jit_compile=jit)
+    a = tf.Variable([1.0, 2.0], dtype=tf.float64)
+    opt.apply_gradients([(tf.constant([0.5, -0.5], tf.float64), a)])
+    holder = []
+
+    @tf.function
+    def step():
+        if not holder:
+            holder.append(tf.Variable(tf.constant([3.0, -4.0], tf.float64)))
+        opt.apply_gradients([(tf.constant([1.0, 2.0], tf.float64),
+                              holder[0])])
+
+    ref = AdamaxReference(learning_rate=lr, use_ema=True,
+                          ema_momentum=momentum,
+                          ema_overwrite_frequency=overwrite)
+    ref.add_variable("a", np.array([1.0, 2.0]))
+    ref.apply({"a": np.array([0.5, -0.5])})
+    for _ in range(3):
+        step()
+        if "b" not in ref.w:
+            ref.add_variable("b", np.array([3.0, -4.0]))
+        ref.apply({"b": np.array([1.0, 2.0])})
+        np.testing.assert_allclose(
+            opt.get_slot(holder[0], "average").numpy(), ref.average["b"],
+            rtol=1e-12)
+        np.testing.assert_allclose(holder[0].numpy(), ref.w["b"], rtol=1e-12)
+    opt.finalize_variable_values([holder[0]])
+    np.testing.assert_allclose(holder[0].numpy(), ref.average["b"],
+                               rtol=1e-12)
+
+
 def test_tf_keras_config_with_a_norm_clip_and_clipvalue_still_loads():
     # Refused in the constructor, but a saved model's config holding both
     # (tf-keras accepts the pair and applies only the norm clip) must load.
