@@ -509,3 +509,30 @@ def test_from_config_gives_identical_trajectory(case):
         o.finalize_variable_values(variables)
         runs.append(snapshot(o, variables))
     assert_same_state(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("saved_n, restored_n, calls, expected", [
+    (None, 2, 3, 1), (2, 3, 4, 1), (3, None, 4, 4)])
+def test_iterations_after_a_restore_into_another_accumulation(
+        tmp_path, saved_n, restored_n, calls, expected):
+    # With gradient_accumulation_steps=N, `iterations` reports calls // N.
+    # The update counter is derived from the call counter, and a restore
+    # from a run with another N (or none) left it as it was (0, or the
+    # saved run's count) until the next call, and a checkpoint written
+    # then saved it so.
+    var = tf.Variable([1.0, -2.0])
+    opt = tf_adamax.Adamax(0.1, gradient_accumulation_steps=saved_n)
+    for _ in range(calls):
+        opt.apply_gradients([(tf.constant([0.5, 0.25]), var)])
+    path = tf.train.Checkpoint(v=var, opt=opt).write(str(tmp_path / "a"))
+    new = tf_adamax.Adamax(0.1, gradient_accumulation_steps=restored_n)
+    ckpt = tf.train.Checkpoint(v=tf.Variable([0.0, 0.0]), opt=new)
+    ckpt.read(path).expect_partial()
+    # Written before anything reads `iterations`: the save itself syncs.
+    reader = tf.train.load_checkpoint(ckpt.write(str(tmp_path / "b")))
+    if restored_n is not None:
+        assert reader.get_tensor(
+            "opt/_updates/.ATTRIBUTES/VARIABLE_VALUE") == expected
+    assert int(new.iterations.numpy()) == expected
+    new.apply_gradients([(tf.constant([0.5, 0.25]), ckpt.v)])
+    assert int(new.iterations.numpy()) == (calls + 1) // (restored_n or 1)

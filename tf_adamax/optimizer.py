@@ -259,7 +259,23 @@ class Adamax(tf.Module):
         variable): `apply_gradients` calls, or with
         `gradient_accumulation_steps=N` the updates (calls // N), as Keras 3
         reports them."""
-        return self._iterations if self._updates is None else self._updates
+        if self._updates is None:
+            return self._iterations
+        self._sync_updates()
+        return self._updates
+
+    def _sync_updates(self):
+        """Eagerly, sets the update counter from the call counter, which a
+        checkpoint restore may have changed (from a run with another N, or
+        none) without it. Steps keep it in sync themselves."""
+        if (self._updates is not None and tf.executing_eagerly()
+                and not _distribute.in_replica_context()):
+            self._set_updates()
+
+    def _set_updates(self):
+        self._updates.assign(
+            self._iterations.read_value()
+            // self._config.gradient_accumulation_steps, read_value=False)
 
     @property
     def _config(self):
@@ -437,6 +453,7 @@ class Adamax(tf.Module):
     def _trackable_children(self, save_type="checkpoint", **kwargs):
         # The rate variable is checkpointed as a float64 value, so that it
         # restores on every device (`_private.checkpoint_children`).
+        self._sync_updates()  # saved as the call counter says
         value = None
         if isinstance(self._learning_rate, tf.Variable) and \
                 not self._user_lr_var():
@@ -662,10 +679,7 @@ class Adamax(tf.Module):
             # Also after the index checks: a failed check changes nothing.
             self._iterations.assign_add(1, read_value=False)
             if self._updates is not None:
-                self._updates.assign(
-                    self._iterations.read_value()
-                    // self._config.gradient_accumulation_steps,
-                    read_value=False)
+                self._set_updates()
         return self.iterations
 
     def _run_time_config(self):
