@@ -153,13 +153,13 @@ def create_slot(strategy, var, name, dtype, shape, copy=False):
     ParameterServerStrategy it lives on the variable's parameter server.
     """
     def initial_value():
-        if copy and _holds_value(unwrap(var)):
+        if copy and holds_value(unwrap(var)):
             return tf.cast(unwrap(var).read_value(), dtype)
         return tf.zeros(shape, dtype)
 
     if copy and tf.inside_function():
         with tf.init_scope():
-            pending = not _holds_value(unwrap(var))
+            pending = not holds_value(unwrap(var))
         if pending:
             # `var` was created in this trace: TF gives it its value after
             # tracing, with the initialisers it lifts out of the function.
@@ -186,7 +186,7 @@ def create_slot(strategy, var, name, dtype, shape, copy=False):
             )
 
 
-def _holds_value(var):
+def holds_value(var):
     try:
         return bool(var.is_initialized())
     except (AttributeError, TypeError, ValueError, tf.errors.OpError):

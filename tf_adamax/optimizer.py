@@ -269,7 +269,10 @@ class Adamax(tf.Module):
         checkpoint restore may have changed (from a run with another N, or
         none) without it. Steps keep it in sync themselves."""
         if (self._updates is not None and tf.executing_eagerly()
-                and not _distribute.in_replica_context()):
+                and not _distribute.in_replica_context()
+                # Not while `tf.saved_model.load` revives the optimizer,
+                # before its counters hold their values.
+                and _distribute.holds_value(self._iterations)):
             self._set_updates()
 
     def _set_updates(self):
