@@ -379,6 +379,61 @@ def test_dense_shape_mismatch_inside_user_xla_fails_to_compile(shape):
     assert_same_state(before, snapshot(opt, [a]))
 
 
+@pytest.mark.parametrize("front", ("core", "keras3", "tf_keras"))
+@pytest.mark.parametrize("case", ("dense", "sparse_rows"))
+def test_shape_mismatch_inside_user_xla_fails_in_every_front_end(front, case):
+    # Inside a function the user compiles with XLA the run-time asserts do
+    # not run; a gradient whose shape is only known then was broadcast over
+    # its variable and applied (the adapters' dense gradients, and every
+    # front end's sparse rows). Its shape is now pinned to the variable's
+    # there, so XLA refuses to compile the step and nothing changes.
+    import tf_adamax.keras
+    import tf_adamax.tf_keras
+
+    cls = {"core": tf_adamax.Adamax, "keras3": tf_adamax.keras.Adamax,
+           "tf_keras": tf_adamax.tf_keras.Adamax}[front]
+    opt = cls(0.1)
+    var = tf.Variable(tf.ones((5, 3)), name="pinned_w")
+    opt.apply_gradients([(tf.ones((5, 3)), var)])  # built, one step taken
+    before = (var.numpy().copy(), int(opt.iterations.numpy()))
+    if case == "dense":
+        step = tf.function(
+            lambda g: opt.apply_gradients([(g, var)]), jit_compile=True,
+            input_signature=[tf.TensorSpec(None, tf.float32)])
+        args = (tf.ones((1, 3)),)
+    else:
+        step = tf.function(
+            lambda values: opt.apply_gradients([(tf.IndexedSlices(
+                values, tf.constant([0, 2, 4]), tf.constant([5, 3])), var)]),
+            jit_compile=True,
+            input_signature=[tf.TensorSpec([3, None], tf.float32)])
+        args = (tf.ones((3, 1)),)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="shape"):
+        step(*args)
+    np.testing.assert_array_equal(var.numpy(), before[0])
+    assert int(opt.iterations.numpy()) == before[1]
+
+
+@pytest.mark.parametrize("front", ("keras3", "tf_keras"))
+def test_adapter_build_refuses_a_variable_of_unknown_shape_first(front):
+    # Keras created the slots of the variables before it (and marked itself
+    # built) before failing with an error naming no variable.
+    import tf_adamax.keras
+    import tf_adamax.tf_keras
+
+    opt = {"keras3": tf_adamax.keras.Adamax,
+           "tf_keras": tf_adamax.tf_keras.Adamax}[front]()
+    good = tf.Variable([1.0, 2.0], name="good_w")
+    bad = tf.Variable(tf.ones((3, 2)), shape=tf.TensorShape([None, 2]),
+                      name="unknown_w")
+    count = len(opt.variables)
+    with pytest.raises(ValueError, match="unknown_w"):
+        opt.build([good, bad])
+    assert len(opt.variables) == count
+    opt.build([good])  # still buildable
+    assert len(opt.variables) > count
+
+
 @pytest.mark.parametrize("values_shape,indices", [((2, 4), [0, 1]),
                                                   ((2, 3), [0]),
                                                   ((2, 3), [0, 1, 2])])

@@ -29,6 +29,13 @@ def check_variable(var):
             f"{var!r}. Pass the variables themselves (e.g. "
             "model.trainable_variables), not their values.")
     check_float(var)
+    check_shape_known(var)
+
+
+def check_shape_known(var):
+    """Raises ValueError, naming it, for a variable whose shape is not fully
+    defined (also for the adapters' `build`, before Keras creates slots)."""
+    var = _distribute.unwrap(var)
     if not var.shape.is_fully_defined():
         raise ValueError(
             f"Variable {var.name!r} has shape {var.shape}, which is not "
@@ -76,6 +83,15 @@ def with_dense_shape(grads, variables):
         _distribute.unwrap(v), out_type=g.indices.dtype))
             if isinstance(g, tf.IndexedSlices) and g.dense_shape is None
             else g for g, v in zip(grads, variables)]
+
+
+def for_keras(grads, variables):
+    """The gradients an adapter hands Keras: `with_dense_shape`, and inside
+    a user's XLA function each one's shape pinned to its variable's
+    (`static_shape`), since the run-time asserts cannot run there and Keras
+    would broadcast a mismatched gradient."""
+    return [None if g is None else static_shape(g, _distribute.unwrap(v))
+            for g, v in zip(with_dense_shape(grads, variables), variables)]
 
 
 def check_pair(grad, var):
@@ -270,8 +286,8 @@ def _assert_shape(actual, expected, message):
 
 
 def static_shape(grad, var):
-    """Inside a user's XLA function, a dense gradient with its variable's
-    static shape.
+    """Inside a user's XLA function, a gradient with its variable's static
+    shape (a sparse one's rows with the variable's row shape).
 
     Asserts do not run there, but shapes are static when XLA compiles:
     `ensure_shape` then fails compilation instead of letting a [1, n]
@@ -279,8 +295,16 @@ def static_shape(grad, var):
     `run_time_checks` run first and name the variable (an `ensure_shape`
     in a graph may be evaluated before them).
     """
-    if (not tf.is_tensor(grad) or isinstance(grad, tf.IndexedSlices)
-            or grad.shape.is_fully_defined()
-            or not _private.in_xla_context()):
+    if not _private.in_xla_context():
+        return grad
+    if isinstance(grad, tf.IndexedSlices):
+        # The rows' shape; their number is the indices' (a mismatch there
+        # fails compilation too).
+        if grad.values.shape[1:].is_fully_defined():
+            return grad
+        return tf.IndexedSlices(
+            tf.ensure_shape(grad.values, [None] + var.shape[1:]),
+            grad.indices, grad.dense_shape)
+    if not tf.is_tensor(grad) or grad.shape.is_fully_defined():
         return grad
     return tf.ensure_shape(grad, var.shape)

@@ -206,6 +206,9 @@ class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
         """
         if self.built:
             return
+        var_list = list(var_list)
+        for variable in var_list:  # before Keras creates anything
+            _checks.check_shape_known(_tf_variable(variable))
         super().build(var_list)
         self._m, self._u = [], []
         for variable in var_list:
@@ -310,7 +313,7 @@ class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
         if variables is not None:
-            grads = _checks.with_dense_shape(grads, variables)
+            grads = _checks.for_keras(grads, variables)
         self._lazy_decay = _hyper.lazy_decay_keys(
             self.sparse_mode, bool(self.gradient_accumulation_steps), grads,
             variables, self._var_key,

@@ -176,6 +176,9 @@ class Adamax(_adapter.KernelUpdates, tf_keras.optimizers.Optimizer):
         Args:
           var_list: the model variables this optimizer will update.
         """
+        var_list = list(var_list)
+        for variable in var_list:  # before tf-keras creates anything
+            _checks.check_shape_known(variable)
         super().build(var_list)
         if getattr(self, "_built", False):
             return
@@ -262,7 +265,7 @@ class Adamax(_adapter.KernelUpdates, tf_keras.optimizers.Optimizer):
         # strategy's scope on a missing merge_call) instead.
         _distribute.check_replica_context(variables)
         checks = _checks.checked_before_keras(grads, variables)
-        grads = _checks.with_dense_shape(grads, variables)  # as Keras 3's
+        grads = _checks.for_keras(grads, variables)  # as Keras 3's
         grads_and_vars = list(zip(grads, variables))
         self._check_known([v for g, v in grads_and_vars if g is not None])
         self._lazy_decay = _hyper.lazy_decay_keys(
