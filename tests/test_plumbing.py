@@ -736,3 +736,50 @@ def test_both_tpu_strategy_classes_keep_float32_state(cls):
     assert _distribute.state_float_dtype(strategy) == tf.float32
     assert _distribute.state_float_dtype(
         tf.distribute.get_strategy()) == tf.float64
+
+
+@pytest.mark.parametrize("mode", ("eager", "function", "jit"))
+@pytest.mark.parametrize("front", ("keras3", "tf_keras"))
+def test_adapter_steps_alternating_variables_of_one_shape(front, mode):
+    # A custom loop training one of two same-shaped heads per step (the
+    # other's gradient is None): the adapters' compiled update was reused
+    # for the second list of variables with the first list's slots captured
+    # in its trace, so `b` moved with `a`'s moments and `a`'s were
+    # overwritten. Each variable must follow the reference with its own.
+    import tf_adamax.keras
+    import tf_adamax.tf_keras
+
+    cls = {"keras3": tf_adamax.keras.Adamax,
+           "tf_keras": tf_adamax.tf_keras.Adamax}[front]
+    opt = cls(0.1, sparse_mode="lazy")
+    a = tf.Variable([1.0, 1.0, 1.0], name="head_a")
+    b = tf.Variable([1.0, 1.0, 1.0], name="head_b")
+    table_a = tf.Variable(tf.ones((4, 2)), name="table_a")
+    table_b = tf.Variable(tf.ones((4, 2)), name="table_b")
+    opt.build([a, b, table_a, table_b])
+    values = tf.constant([[1.0, -1.0], [2.0, 0.5], [-1.0, 1.0]])
+
+    def train(head, g, ids):
+        # Closes over the variables, one trace per head, as a train step
+        # does. (Passing different variables of one shape as arguments of
+        # one tf.function reuses its trace for every optimizer, TF's own
+        # included: TF traces variable arguments by shape and dtype.)
+        var, table = (a, table_a) if head == "a" else (b, table_b)
+        opt.apply_gradients([(g, var), (tf.IndexedSlices(
+            values, ids, tf.constant([4, 2])), table)])
+
+    step = train
+    if mode != "eager":
+        step = tf.function(train, jit_compile=mode == "jit")
+    ref = AdamaxReference(learning_rate=0.1, sparse_mode="lazy")
+    for key, var in (("a", a), ("b", b), ("ta", table_a), ("tb", table_b)):
+        ref.add_variable(key, var.numpy().astype(np.float64))
+    calls = [("a", [1.0, -2.0, 0.5], [0, 2, 0]), ("b", [3.0, 1.0, -1.0], [1, 1, 3]),
+             ("a", [-1.0, 0.5, 2.0], [3, 0, 3]), ("b", [0.5, 0.5, 0.5], [2, 0, 1])]
+    for head, g, ids in calls:
+        step(head, tf.constant(g), tf.constant(ids))
+        ref.apply({head: np.array(g), "t" + head: SparseGrad(
+            np.array(ids), values.numpy().astype(np.float64))})
+    for key, var in (("a", a), ("b", b), ("ta", table_a), ("tb", table_b)):
+        np.testing.assert_allclose(var.numpy(), ref.w[key], rtol=1e-6,
+                                   atol=1e-6, err_msg=key)

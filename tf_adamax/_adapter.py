@@ -40,21 +40,30 @@ class KernelUpdates:
         """`(var, m, u)` as `tf.Variable`s for a model variable."""
         raise NotImplementedError
 
-    def _apply_one(self, gradient, variable, learning_rate, step, decay,
-                   betas=None):
-        var, m, u = self._slots_of(variable)
-        hyper = _math.Hyper.of(
-            self if betas is None else betas, learning_rate, step,
-            # Keras applied it before this call, except to the named rows of
-            # a lazy sparse step.
-            weight_decay=(decay if self._var_key(variable) in self._lazy_decay
-                          else None))
+    def _apply_one(self, gradient, variable, learning_rate, step, decay):
+        """One variable's update, its slots and weight decay looked up
+        here (Keras's per-variable `update_step`)."""
+        self._apply_to(gradient, self._slots_of(variable),
+                       self._decays_in_kernel(variable), learning_rate, step,
+                       decay, self)
+
+    def _decays_in_kernel(self, variable):
+        # Keras applied the decay before the update, except to the named
+        # rows of a lazy sparse step.
+        return self._var_key(variable) in self._lazy_decay
+
+    def _apply_to(self, gradient, slots, decay_here, learning_rate, step,
+                  decay, betas):
+        var, m, u = slots
+        hyper = _math.Hyper.of(betas, learning_rate, step,
+                               weight_decay=decay if decay_here else None)
         _math.apply_gradient(var, m, u, gradient, hyper, self.sparse_mode)
 
-    def _update_all(self, grads, variables, learning_rate, step, decay,
+    def _update_all(self, grads, per_variable, learning_rate, step, decay,
                     betas):
-        for grad, variable in zip(grads, variables):
-            self._apply_one(grad, variable, learning_rate, step, decay, betas)
+        for grad, (slots, decay_here) in zip(grads, per_variable):
+            self._apply_to(grad, slots, decay_here, learning_rate, step, decay,
+                           betas)
 
     def _update_compiled(self, grads_and_vars, learning_rate, step):
         """Every pair in one XLA program per device (one per core for a long
@@ -64,16 +73,21 @@ class KernelUpdates:
         `beta_2` and `epsilon`, as tensors: a value set after the first
         step is used wherever Keras's own Adamax would read it (in a step
         traced after the change, or eagerly) instead of the first trace's,
-        without a new trace."""
+        without a new trace. And so are each variable's slots (and whether
+        the kernel decays it): a program reused for another list of
+        variables of the same shapes (a custom loop alternating two heads)
+        would otherwise update them with the first list's slots."""
         if self._update_all_fn is None:
             # Kept out of Keras's attribute tracking (and SavedModel).
             self._update_all_fn = Untracked(
                 fn=_distribute.CompiledParts(self._update_all))
         grads, variables = zip(*grads_and_vars)
-        self._update_all_fn.fn(list(grads), list(variables), learning_rate,
-                               step, _hyper.run_time_decay(self.weight_decay),
-                               _Betas(*[_hyper.run_time_scalar(x) for x in (
-                                   self.beta_1, self.beta_2, self.epsilon)]))
+        self._update_all_fn.fn(
+            list(grads), list(variables),
+            [(self._slots_of(v), self._decays_in_kernel(v)) for v in variables],
+            learning_rate, step, _hyper.run_time_decay(self.weight_decay),
+            _Betas(*[_hyper.run_time_scalar(x) for x in (
+                self.beta_1, self.beta_2, self.epsilon)]))
 
     def _apply_weight_decay(self, variables):
         # Keras's hook (private, in both generations): lazy sparse steps

@@ -471,22 +471,26 @@ def bucketed(grads, variables):
 
 
 class CompiledParts:
-    """`fn(grads, variables, *args)` as one XLA program per device and part.
+    """`fn(grads, items, *args)` as one XLA program per device and part.
 
     For the Keras adapters' update without a strategy: the variables are
     grouped by device, each program placed on its group's device (so `fn`
     must get the optimizer's own state, step and rate, as `args`), and a
     long list on CPU is cut as `split_for_cores` cuts the core's programs
-    (one per core, run concurrently in a graph). Each part keeps its own
-    tf.function, so each is traced once; all are traced before any runs,
-    so an error while tracing one part changes nothing. `fns` lists them.
+    (one per core, run concurrently in a graph). `items` holds one entry
+    per variable (every variable the program touches, slots included, so
+    that a trace reused for other variables of the same shapes updates
+    those); each part's `fn` gets its gradients and items. Each part keeps
+    its own tf.function, so each is traced once; all are traced before any
+    runs, so an error while tracing one part changes nothing. `fns` lists
+    them.
     """
 
     def __init__(self, fn):
         self._fn = fn
         self.fns = []
 
-    def __call__(self, grads, variables, *args):
+    def __call__(self, grads, variables, items, *args):
         tf_vars = [unwrap(v) for v in variables]
         by_device = {}
         for i, v in enumerate(tf_vars):
@@ -499,13 +503,14 @@ class CompiledParts:
         calls = [(fn, part.device or None,
                   bucketed([grads[i] for i in part.positions],
                            [tf_vars[i] for i in part.positions]),
-                  [variables[i] for i in part.positions])
+                  [items[i] for i in part.positions])
                  for fn, part in zip(self.fns, parts)]
         traced = []
-        for fn, device, part_grads, part_vars in calls:
+        for fn, device, part_grads, part_items in calls:
             with tf.device(device):
-                traced.append(fn.get_concrete_function(part_grads, part_vars,
+                traced.append(fn.get_concrete_function(part_grads, part_items,
                                                        *args))
-        for concrete, (_, device, part_grads, part_vars) in zip(traced, calls):
+        for concrete, (_, device, part_grads, part_items) in zip(traced,
+                                                                 calls):
             with tf.device(device):
-                concrete(part_grads, part_vars, *args)
+                concrete(part_grads, part_items, *args)
