@@ -66,7 +66,8 @@ def child_mirrored(configs, num_steps, ckpt_modes, ckpt_dir):
                        ("shared-gradient", child_shared_gradient),
                        ("mixed-dtypes", child_mixed_dtypes),
                        ("tpu-program", child_tpu_program),
-                       ("component-slot", child_component_slot)):
+                       ("component-slot", child_component_slot),
+                      ("tpu-float64", child_tpu_float64)):
         try:
             results[key] = child(tf, strategy)
         except Exception:  # noqa: BLE001 - reported by the owning test
@@ -203,6 +204,47 @@ def child_tpu_program(tf, strategy):
     finally:
         _private.in_tpu_program, _private.in_xla_context = real
     return out
+
+
+def child_tpu_float64(tf, strategy):
+    """The float64 tensors a step traced as in a TPU program consumes, with
+    the state in float32 as on TPUs (TPUs have no float64)."""
+    import tf_adamax
+    from tf_adamax import _distribute, _private
+
+    real = (getattr(_private, "in_tpu_program", None), _private.in_xla_context,
+            _distribute.state_float_dtype)
+    found = []
+    try:
+        _private.in_tpu_program = _private.in_xla_context = lambda: True
+        _distribute.state_float_dtype = lambda strategy: tf.float32
+        with strategy.scope():
+            table = tf.Variable(tf.ones((5, 2)))
+            vec = tf.Variable([1.0, 2.0, -1.0])
+            opt = tf_adamax.Adamax(0.1)
+
+        @tf.function
+        def step():
+            def replica_fn():
+                opt.apply_gradients([(tf.IndexedSlices(
+                    tf.ones((3, 2)), tf.constant([0, 2, 0]),
+                    tf.constant([5, 2])), table), (tf.ones(3), vec)])
+            strategy.run(replica_fn)
+
+        def walk(graph):
+            for op in graph.get_operations():
+                if any(t.dtype == tf.float64 and t.consumers()
+                       for t in op.outputs):
+                    found.append(f"{op.type} {op.name}")
+            for fn in graph._functions.values():  # nested function bodies
+                if hasattr(fn, "graph"):
+                    walk(fn.graph)
+
+        walk(step.get_concrete_function().graph)
+    finally:
+        _private.in_tpu_program, _private.in_xla_context = real[:2]
+        _distribute.state_float_dtype = real[2]
+    return {"float64": found}
 
 
 def child_component_slot(tf, strategy):
@@ -797,3 +839,11 @@ def test_get_slot_of_each_copy_of_a_mirrored_variable(mirrored_results):
     # the copy of the second device had "no slot 'norm' yet" (KeyError).
     rec = dh.check_record(mirrored_results["component-slot"])
     assert rec == {f"copy{i}": True for i in range(NUM_REPLICAS)}, rec
+
+
+def test_update_inside_a_tpu_program_uses_no_float64(mirrored_results):
+    # TPUs have no float64: with the rate stored in float32 there, the step
+    # built as in a TPU program consumes no float64 tensor (the betas were
+    # float64 arguments of the core's update).
+    rec = dh.check_record(mirrored_results["tpu-float64"])
+    assert rec == {"float64": []}, rec

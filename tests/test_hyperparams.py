@@ -238,27 +238,34 @@ def test_ema_of_a_variable_first_updated_later_matches_keras3(mode):
 
 
 @pytest.mark.parametrize("jit", (True, False), ids=("jit", "nojit"))
-@pytest.mark.parametrize("overwrite", (None, 2))
-def test_ema_of_a_variable_created_in_a_later_tf_function(jit, overwrite):
+@pytest.mark.parametrize("how,overwrite", [
+    ("function", None), ("function", 2), ("jit_function", None),
+    ("concrete_first", None), ("nested", None)])
+def test_ema_of_a_variable_created_in_a_later_tf_function(jit, how, overwrite):
     # A variable created inside a tf.function (a head built lazily) after
     # training started: TF gives it its value only after tracing, so its
     # average was created as zeros and moved from there (0.1x the weights,
     # which finalize_variable_values or an overwrite then put in the model).
-    # It starts at the weights, as for a variable created eagerly.
+    # It starts at the weights, as for a variable created eagerly, also when
+    # the user's step is compiled with XLA, traced before its first call,
+    # or calls apply_gradients through a tf.function of its own.
     lr, momentum = 0.1, 0.9
     opt = tf_adamax.Adamax(lr, use_ema=True, ema_momentum=momentum,
                            ema_overwrite_frequency=overwrite, jit_compile=jit)
     a = tf.Variable([1.0, 2.0], dtype=tf.float64)
     opt.apply_gradients([(tf.constant([0.5, -0.5], tf.float64), a)])
     holder = []
+    apply = (tf.function(opt.apply_gradients) if how == "nested"
+             else opt.apply_gradients)
 
-    @tf.function
+    @tf.function(jit_compile=how == "jit_function")
     def step():
         if not holder:
             holder.append(tf.Variable(tf.constant([3.0, -4.0], tf.float64)))
-        opt.apply_gradients([(tf.constant([1.0, 2.0], tf.float64),
-                              holder[0])])
+        apply([(tf.constant([1.0, 2.0], tf.float64), holder[0])])
 
+    if how == "concrete_first":
+        step = step.get_concrete_function()
     ref = AdamaxReference(learning_rate=lr, use_ema=True,
                           ema_momentum=momentum,
                           ema_overwrite_frequency=overwrite)

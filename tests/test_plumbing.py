@@ -502,6 +502,59 @@ def test_global_clipnorm_with_accumulation_over_devices(tmp_path, monkeypatch):
                                            err_msg=f"{case} {name} {what}")
 
 
+EMA_DEVICE_SCRIPT = textwrap.dedent("""
+    import json, os
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    import tensorflow as tf
+    cpus = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(
+        cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+    import tf_adamax
+
+    out = {}
+    for jit in (True, False):
+        opt = tf_adamax.Adamax(0.1, use_ema=True, ema_momentum=0.9,
+                               jit_compile=jit)
+        a = tf.Variable([1.0])
+        opt.apply_gradients([(tf.constant([1.0]), a)])
+        holder = []
+
+        def make_step(holder, opt):
+            @tf.function
+            def step():
+                if not holder:
+                    with tf.device("/cpu:1"):
+                        holder.append(tf.Variable([3.0, -4.0]))
+                opt.apply_gradients([(tf.constant([1.0, 2.0]), holder[0])])
+            return step
+
+        make_step(holder, opt)()
+        v = holder[0]
+        out[str(jit)] = {
+            "devices": [x.device for x in (v, opt.get_slot(v, "average"),
+                                           opt.get_slot(v, "momentum"))],
+            "weights": v.numpy().tolist(),
+            "average": opt.get_slot(v, "average").numpy().tolist()}
+    print(json.dumps(out))
+""")
+
+
+def test_ema_of_a_variable_created_in_a_function_on_another_device(tmp_path):
+    # Its average sits with it (the compiled update cannot reach a slot on
+    # another device) and starts at its weights.
+    import json
+
+    out = json.loads(_run_script(
+        tmp_path, EMA_DEVICE_SCRIPT).strip().splitlines()[-1])
+    for got in out.values():
+        assert all(d.endswith("CPU:1") for d in got["devices"]), got
+        # One step from [3, -4]: average = 0.9 * weights before + 0.1 * after.
+        before = np.array([3.0, -4.0])
+        np.testing.assert_allclose(
+            got["average"], 0.9 * before + 0.1 * np.array(got["weights"]),
+            rtol=1e-6)
+
+
 def test_importing_tf_adamax_imports_no_keras():
     # TensorFlow itself imports Keras 3 (for tf.keras); tf_adamax must add
     # nothing to that and never import tf_keras.

@@ -157,21 +157,6 @@ def create_slot(strategy, var, name, dtype, shape, copy=False):
             return tf.cast(unwrap(var).read_value(), dtype)
         return tf.zeros(shape, dtype)
 
-    if copy and tf.inside_function():
-        with tf.init_scope():
-            pending = not holds_value(unwrap(var))
-        if pending:
-            # `var` was created in this trace: TF gives it its value after
-            # tracing, with the initialisers it lifts out of the function.
-            # The copy is then one of them, run after `var`'s (an eager
-            # zeros slot would start the average at 0).
-            with strategy.scope(), strategy.extended.colocate_vars_with(
-                    unwrap(var)):
-                return tf.Variable(
-                    lambda: tf.cast(unwrap(var).read_value(), dtype),
-                    name=name, trainable=False,
-                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-
     with tf.init_scope():
         with strategy.scope(), strategy.extended.colocate_vars_with(
                 unwrap(var)):

@@ -155,6 +155,7 @@ class Adamax(tf.Module):
             warned_none=False,
             traced=False,  # a step was traced in a tf.function
             exclude_ids=set(),
+            new_averages={},  # var key -> call count; see `add_slot`
             exclude_names=(),
             sharded_slots={},  # (shard keys, slot name) -> ShardedVariable
             lr_checkpoint=None,  # see `_trackable_children`
@@ -516,8 +517,43 @@ class Adamax(tf.Module):
         # it copies every built variable at the first step and then moves
         # each average at every call. A variable whose first update comes
         # later (frozen at first, or new) would otherwise average from 0.
+        if slot_name == "average" and tf.inside_function():
+            with tf.init_scope():
+                if not _distribute.holds_value(_distribute.unwrap(var)):
+                    # Created in this trace: TF gives it its value only after
+                    # tracing, so the copy is made by the step this trace
+                    # runs first (`_copy_new_averages`).
+                    self._fns.new_averages[_distribute.var_key(var)] = int(
+                        self._iterations.numpy())
         return self._slots.create(self._strategy, var, slot_name, dtype,
                                   copy=slot_name == "average")
+
+    def _copy_new_averages(self, variables, states):
+        """The averages created as zeros for variables created in a trace
+        (`add_slot`) get the weights, in the step at the call count they
+        were created at: the first run of the function (TF traces a function
+        that creates variables twice, and runs the second trace). A trace run
+        first later, or after a restore, has another count and keeps the
+        slot; an entry whose count has passed is dropped."""
+        with tf.init_scope():
+            now = int(self._iterations.numpy())
+        for var, state in zip(variables, states):
+            key = _distribute.var_key(var)
+            created_at = self._fns.new_averages.get(key)
+            if created_at is None:
+                continue
+            if now > created_at:
+                del self._fns.new_averages[key]
+                continue
+            average, weights = state.average, state.var
+
+            def copy(average=average, weights=weights):
+                average.assign(tf.cast(weights, average.dtype),
+                               read_value=False)
+                return tf.constant(True)
+
+            tf.cond(tf.equal(self._iterations.read_value(), created_at), copy,
+                    lambda: tf.constant(False))
 
     def _states(self, variables):
         return [
@@ -644,12 +680,16 @@ class Adamax(tf.Module):
             # Scheduled steps (tf.functions) stay compiled. Unpadded: outside
             # XLA the lazy kernel's gather refuses the padding rows' index.
             update, pad = _step.apply_step, False
-        config = self._run_time_config()
+        if self._fns.new_averages:
+            with tf.control_dependencies(checks):
+                self._copy_new_averages(variables, states)
         if groups[0].whole:
             # Inside a TPUStrategy's program, which XLA compiles whole: no
             # nested XLA function, and no float64 arguments (TPUs have no
             # float64; the betas stay trace-time constants there).
             update, pad, config = _step.apply_step, False, self._config
+        else:
+            config = self._run_time_config()
         with tf.control_dependencies(checks):
             for group in groups:
                 with tf.device(group.device):
