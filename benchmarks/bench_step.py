@@ -1351,6 +1351,8 @@ def parse_args(argv):
     q = a.quick
     if a.sparse_batches < 1:
         p.error("--sparse-batches must be >= 1")
+    if a.vocab is not None and not [v for v in a.vocab.split(",") if v]:
+        p.error("--vocab: give one or more table sizes, e.g. 10000,2000000")
     if a.vocab and min(int(v) for v in a.vocab.split(",") if v) < 2048:
         p.error("--vocab: each table needs >= 2048 rows (a batch names 2048 distinct "
                 "rows)")
