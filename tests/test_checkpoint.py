@@ -511,10 +511,12 @@ def test_from_config_gives_identical_trajectory(case):
     assert_same_state(runs[0], runs[1])
 
 
+@pytest.mark.parametrize("read_first", (False, True),
+                         ids=("saved_first", "read_first"))
 @pytest.mark.parametrize("saved_n, restored_n, calls, expected", [
     (None, 2, 3, 1), (2, 3, 4, 1), (3, None, 4, 4)])
 def test_iterations_after_a_restore_into_another_accumulation(
-        tmp_path, saved_n, restored_n, calls, expected):
+        tmp_path, saved_n, restored_n, calls, expected, read_first):
     # With gradient_accumulation_steps=N, `iterations` reports calls // N.
     # The update counter is derived from the call counter, and a restore
     # from a run with another N (or none) left it as it was (0, or the
@@ -528,7 +530,9 @@ def test_iterations_after_a_restore_into_another_accumulation(
     new = tf_adamax.Adamax(0.1, gradient_accumulation_steps=restored_n)
     ckpt = tf.train.Checkpoint(v=tf.Variable([0.0, 0.0]), opt=new)
     ckpt.read(path).expect_partial()
-    # Written before anything reads `iterations`: the save itself syncs.
+    if read_first:  # an eager read syncs
+        assert int(new.iterations.numpy()) == expected
+    # Otherwise written before anything reads `iterations`: the save syncs.
     reader = tf.train.load_checkpoint(ckpt.write(str(tmp_path / "b")))
     if restored_n is not None:
         assert reader.get_tensor(

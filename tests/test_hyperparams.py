@@ -240,7 +240,7 @@ def test_ema_of_a_variable_first_updated_later_matches_keras3(mode):
 @pytest.mark.parametrize("jit", (True, False), ids=("jit", "nojit"))
 @pytest.mark.parametrize("how,overwrite", [
     ("function", None), ("function", 2), ("jit_function", None),
-    ("concrete_first", None), ("nested", None)])
+    ("concrete_first", None), ("concrete_late", None), ("nested", None)])
 def test_ema_of_a_variable_created_in_a_later_tf_function(jit, how, overwrite):
     # A variable created inside a tf.function (a head built lazily) after
     # training started: TF gives it its value only after tracing, so its
@@ -264,13 +264,16 @@ def test_ema_of_a_variable_created_in_a_later_tf_function(jit, how, overwrite):
             holder.append(tf.Variable(tf.constant([3.0, -4.0], tf.float64)))
         apply([(tf.constant([1.0, 2.0], tf.float64), holder[0])])
 
-    if how == "concrete_first":
+    if how.startswith("concrete"):
         step = step.get_concrete_function()
     ref = AdamaxReference(learning_rate=lr, use_ema=True,
                           ema_momentum=momentum,
                           ema_overwrite_frequency=overwrite)
     ref.add_variable("a", np.array([1.0, 2.0]))
     ref.apply({"a": np.array([0.5, -0.5])})
+    if how == "concrete_late":  # traced at one call count, first run later
+        opt.apply_gradients([(tf.constant([0.5, -0.5], tf.float64), a)])
+        ref.apply({"a": np.array([0.5, -0.5])})
     for _ in range(3):
         step()
         if "b" not in ref.w:
@@ -283,6 +286,40 @@ def test_ema_of_a_variable_created_in_a_later_tf_function(jit, how, overwrite):
     opt.finalize_variable_values([holder[0]])
     np.testing.assert_allclose(holder[0].numpy(), ref.average["b"],
                                rtol=1e-12)
+
+
+def test_ema_of_a_new_variable_waits_for_a_step_that_passes_its_checks():
+    # The copy into the average of a variable created in the function is
+    # part of the step: a call refused by its run-time checks (an index out
+    # of range) leaves the average as created, and the next valid call
+    # copies the weights, once.
+    opt = tf_adamax.Adamax(0.1, use_ema=True, ema_momentum=0.9,
+                           jit_compile=False)
+    a = tf.Variable([1.0, 2.0])
+    opt.apply_gradients([(tf.constant([0.5, -0.5]), a)])
+    holder = []
+
+    @tf.function
+    def step(index):
+        if not holder:
+            holder.append(tf.Variable(tf.constant([[3.0, -4.0], [1.0, 2.0]])))
+        opt.apply_gradients([(tf.IndexedSlices(
+            tf.constant([[1.0, 2.0]]), tf.reshape(index, [1]),
+            tf.constant([2, 2])), holder[0])])
+
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        step(tf.constant(5))
+    table = holder[0]
+    np.testing.assert_array_equal(opt.get_slot(table, "average").numpy(), 0)
+    np.testing.assert_array_equal(table.numpy(), [[3.0, -4.0], [1.0, 2.0]])
+    before = table.numpy().copy()
+    step(tf.constant(0))
+    np.testing.assert_allclose(
+        opt.get_slot(table, "average").numpy(),
+        0.9 * before + 0.1 * table.numpy(), rtol=1e-6)
+    step(tf.constant(1))  # no second copy: the average keeps moving
+    assert not np.allclose(opt.get_slot(table, "average").numpy(),
+                           table.numpy())
 
 
 def test_tf_keras_config_with_a_norm_clip_and_clipvalue_still_loads():

@@ -155,7 +155,7 @@ class Adamax(tf.Module):
             warned_none=False,
             traced=False,  # a step was traced in a tf.function
             exclude_ids=set(),
-            new_averages={},  # var key -> call count; see `add_slot`
+            new_averages={},  # var key -> "average copied" flag; `add_slot`
             exclude_names=(),
             sharded_slots={},  # (shard keys, slot name) -> ShardedVariable
             lr_checkpoint=None,  # see `_trackable_children`
@@ -521,39 +521,38 @@ class Adamax(tf.Module):
             with tf.init_scope():
                 if not _distribute.holds_value(_distribute.unwrap(var)):
                     # Created in this trace: TF gives it its value only after
-                    # tracing, so the copy is made by the step this trace
-                    # runs first (`_copy_new_averages`).
-                    self._fns.new_averages[_distribute.var_key(var)] = int(
-                        self._iterations.numpy())
+                    # tracing, so the first step that runs copies it
+                    # (`_copy_new_averages`), once, as a flag records.
+                    self._fns.new_averages[_distribute.var_key(var)] = (
+                        _distribute.create_slot(
+                            self._strategy, var, "average_copied", tf.bool,
+                            []))
         return self._slots.create(self._strategy, var, slot_name, dtype,
                                   copy=slot_name == "average")
 
     def _copy_new_averages(self, variables, states):
         """The averages created as zeros for variables created in a trace
-        (`add_slot`) get the weights, in the step at the call count they
-        were created at: the first run of the function (TF traces a function
-        that creates variables twice, and runs the second trace). A trace run
-        first later, or after a restore, has another count and keeps the
-        slot; an entry whose count has passed is dropped."""
-        with tf.init_scope():
-            now = int(self._iterations.numpy())
+        (`add_slot`) get the weights in the first step that runs (after
+        its checks), whenever that is; a flag clears once it has. Traced
+        after that, nothing is added."""
         for var, state in zip(variables, states):
             key = _distribute.var_key(var)
-            created_at = self._fns.new_averages.get(key)
-            if created_at is None:
+            copied = self._fns.new_averages.get(key)
+            if copied is None:
                 continue
-            if now > created_at:
-                del self._fns.new_averages[key]
-                continue
+            with tf.init_scope():
+                if bool(copied.numpy()):
+                    del self._fns.new_averages[key]
+                    continue
             average, weights = state.average, state.var
 
-            def copy(average=average, weights=weights):
+            def copy(average=average, weights=weights, copied=copied):
                 average.assign(tf.cast(weights, average.dtype),
                                read_value=False)
+                copied.assign(True, read_value=False)
                 return tf.constant(True)
 
-            tf.cond(tf.equal(self._iterations.read_value(), created_at), copy,
-                    lambda: tf.constant(False))
+            tf.cond(copied.read_value(), lambda: tf.constant(False), copy)
 
     def _states(self, variables):
         return [
