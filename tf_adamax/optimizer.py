@@ -260,10 +260,11 @@ class Adamax(tf.Module):
         variable): `apply_gradients` calls, or with
         `gradient_accumulation_steps=N` the updates (calls // N), as Keras 3
         reports them."""
-        if self._updates is None:
-            return self._iterations
         self._sync_updates()
-        return self._updates
+        return self._counter()
+
+    def _counter(self):
+        return self._iterations if self._updates is None else self._updates
 
     def _sync_updates(self):
         """Eagerly, sets the update counter from the call counter, which a
@@ -722,7 +723,7 @@ class Adamax(tf.Module):
             self._iterations.assign_add(1, read_value=False)
             if self._updates is not None:
                 self._set_updates()
-        return self.iterations
+        return self._counter()
 
     def _run_time_config(self):
         """The step's config with `beta_1`, `beta_2` and `epsilon` as tensor
