@@ -681,3 +681,51 @@ def test_iterations_with_accumulation_count_updates_as_keras3():
         assert ours.iterations.dtype == tf.int64
         assert int(ours.iterations.numpy()) == int(theirs.iterations) == (call + 1) // 3
         np.testing.assert_allclose(var.numpy(), theirs_var.numpy(), rtol=1e-6)
+
+
+class _LazyHead(tf.Module):
+    """A module whose variable its own train step creates."""
+
+    def __init__(self, opt):
+        super().__init__()
+        self.opt = opt
+        self.b = None
+
+    @tf.function
+    def step(self, g):
+        if self.b is None:
+            self.b = tf.Variable([3.0, -4.0], name="b")
+        return self.opt.apply_gradients([(g, self.b)])
+
+
+def test_ema_restored_after_the_step_was_traced_is_kept(tmp_path):
+    # The step traced first (a warm-up or export), then a checkpoint
+    # restored, then the first run: the restored average must be kept (a
+    # flag-driven copy overwrote it with the weights).
+    g = tf.constant([1.0, 2.0])
+    head = _LazyHead(tf_adamax.Adamax(0.1, use_ema=True, ema_momentum=0.9))
+    for _ in range(3):
+        head.step(g)
+    path = tf.train.Checkpoint(head=head).write(str(tmp_path / "c"))
+    head.step(g)
+    expected = head.opt.get_slot(head.b, "average").numpy()
+    again = _LazyHead(tf_adamax.Adamax(0.1, use_ema=True, ema_momentum=0.9))
+    traced = again.step.get_concrete_function(tf.TensorSpec([2], tf.float32))
+    tf.train.Checkpoint(head=again).restore(path)
+    traced(g)
+    np.testing.assert_allclose(again.opt.get_slot(again.b, "average").numpy(),
+                               expected, rtol=1e-6)
+
+
+def test_saved_model_of_a_step_that_created_its_variable_with_ema(tmp_path):
+    # Its trace must capture only tracked state (an untracked flag made
+    # tf.saved_model.save refuse the signature).
+    head = _LazyHead(tf_adamax.Adamax(0.1, use_ema=True, ema_momentum=0.9))
+    head.step(tf.constant([1.0, 2.0]))
+    head.step(tf.constant([1.0, 2.0]))
+    tf.saved_model.save(head, str(tmp_path / "sm"), signatures=(
+        head.step.get_concrete_function(tf.TensorSpec([2], tf.float32))))
+    loaded = tf.saved_model.load(str(tmp_path / "sm"))
+    loaded.step(tf.constant([1.0, 2.0]))
+    head.step(tf.constant([1.0, 2.0]))
+    np.testing.assert_allclose(loaded.b.numpy(), head.b.numpy(), rtol=1e-6)

@@ -155,7 +155,7 @@ class Adamax(tf.Module):
             warned_none=False,
             traced=False,  # a step was traced in a tf.function
             exclude_ids=set(),
-            new_averages={},  # var key -> "average copied" flag; `add_slot`
+            new_averages=set(),  # var keys; see `add_slot`
             exclude_names=(),
             sharded_slots={},  # (shard keys, slot name) -> ShardedVariable
             lr_checkpoint=None,  # see `_trackable_children`
@@ -523,37 +523,36 @@ class Adamax(tf.Module):
                 if not _distribute.holds_value(_distribute.unwrap(var)):
                     # Created in this trace: TF gives it its value only after
                     # tracing, so the first step that runs copies it
-                    # (`_copy_new_averages`), once, as a flag records.
-                    self._fns.new_averages[_distribute.var_key(var)] = (
-                        _distribute.create_slot(
-                            self._strategy, var, "average_copied", tf.bool,
-                            []))
+                    # (`_copy_new_averages`).
+                    self._fns.new_averages.add(_distribute.var_key(var))
         return self._slots.create(self._strategy, var, slot_name, dtype,
                                   copy=slot_name == "average")
 
     def _copy_new_averages(self, variables, states):
         """The averages created as zeros for variables created in a trace
-        (`add_slot`) get the weights in the first step that runs (after
-        its checks), whenever that is; a flag clears once it has. Traced
-        after that, nothing is added."""
+        (`add_slot`) get the weights in the first step that runs past its
+        checks, whenever that is: while an average is all zeros the step
+        copies the weights into it. An average of weights is all zeros only
+        while they have been (the copy is then a no-op too), so a restored
+        or moving average is never overwritten, and no state is added. A
+        trace made once an average holds values leaves it out."""
         for var, state in zip(variables, states):
             key = _distribute.var_key(var)
-            copied = self._fns.new_averages.get(key)
-            if copied is None:
+            if key not in self._fns.new_averages:
                 continue
-            with tf.init_scope():
-                if bool(copied.numpy()):
-                    del self._fns.new_averages[key]
-                    continue
             average, weights = state.average, state.var
+            with tf.init_scope():
+                if bool(tf.reduce_any(tf.not_equal(average, 0))):
+                    self._fns.new_averages.discard(key)
+                    continue
 
-            def copy(average=average, weights=weights, copied=copied):
+            def copy(average=average, weights=weights):
                 average.assign(tf.cast(weights, average.dtype),
                                read_value=False)
-                copied.assign(True, read_value=False)
                 return tf.constant(True)
 
-            tf.cond(copied.read_value(), lambda: tf.constant(False), copy)
+            tf.cond(tf.reduce_any(tf.not_equal(average.read_value(), 0)),
+                    lambda: tf.constant(False), copy)
 
     def _states(self, variables):
         return [
