@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import typing
 
+from tf_adamax import _checks
 from tf_adamax import _distribute
 from tf_adamax import _hyper
 from tf_adamax import _math
@@ -35,6 +36,15 @@ class KernelUpdates:
 
     _lazy_decay = frozenset()
     _update_all_fn = None
+
+    @staticmethod
+    def _buildable(var_list):
+        """`var_list` as a list, once no variable in it has an unknown shape
+        (refused naming it, before Keras creates any slot)."""
+        var_list = list(var_list)
+        for variable in var_list:
+            _checks.check_shape_known(variable)
+        return var_list
 
     def _slots_of(self, variable):
         """`(var, m, u)` as `tf.Variable`s for a model variable."""

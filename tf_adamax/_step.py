@@ -150,17 +150,12 @@ def global_grad_norm(config, grads, variables, accumulators=None):
     call clips, each accumulator read on its own device; calls that only
     accumulate do not use it.
     """
+    prepared = _unscaled(config, [prepare(g, v)
+                                  for g, v in zip(grads, variables)])
     if accumulators is not None:
-        return global_norm_of([
-            _accumulated_mean(config, g, v, a)
-            for g, v, a in zip(_unscaled(config, [
-                prepare(g, v) for g, v in zip(grads, variables)]),
-                variables, accumulators)])
-    prepared = [prepare(g, v) for g, v in zip(grads, variables)]
-    norm = global_norm_of(prepared)
-    if config.loss_scale_factor is not None:
-        norm = norm / _math.as_dtype(config.loss_scale_factor, norm.dtype)
-    return norm
+        prepared = [_accumulated_mean(config, g, v, a)
+                    for g, v, a in zip(prepared, variables, accumulators)]
+    return global_norm_of(prepared)
 
 
 def _unscaled(config, grads):

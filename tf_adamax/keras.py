@@ -206,9 +206,7 @@ class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
         """
         if self.built:
             return
-        var_list = list(var_list)
-        for variable in var_list:  # before Keras creates anything
-            _checks.check_shape_known(_tf_variable(variable))
+        var_list = self._buildable(var_list)
         super().build(var_list)
         self._m, self._u = [], []
         for variable in var_list:

@@ -176,9 +176,7 @@ class Adamax(_adapter.KernelUpdates, tf_keras.optimizers.Optimizer):
         Args:
           var_list: the model variables this optimizer will update.
         """
-        var_list = list(var_list)
-        for variable in var_list:  # before tf-keras creates anything
-            _checks.check_shape_known(variable)
+        var_list = self._buildable(var_list)
         super().build(var_list)
         if getattr(self, "_built", False):
             return
