@@ -1,10 +1,16 @@
 """Packaging for tf_adamax."""
 
+import re
+
 from setuptools import find_packages, setup
+
+# One version, in the package (`tf_adamax.__version__`).
+with open("tf_adamax/__init__.py", encoding="utf-8") as f:
+    VERSION = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 setup(
     name="tf_adamax",
-    version="0.1.0",
+    version=VERSION,
     description=(
         "A TensorFlow-native Adamax optimizer: exact sparse updates, lazy "
         "O(nnz) embeddings, one XLA program per step, tf.distribute support, "

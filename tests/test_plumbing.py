@@ -577,6 +577,40 @@ def test_importing_tf_adamax_imports_no_keras():
     assert "tf_keras False" in proc.stdout
 
 
+def test_star_import_and_a_missing_tf_keras():
+    # `from tf_adamax import *` gives the core only: it must not bind the
+    # user's `keras` name to the adapter module, nor import tf_keras. Without
+    # tf-keras installed (blocked here), the core and `tf_adamax.keras` work
+    # and `hasattr(tf_adamax, "tf_keras")` is False, not an ImportError.
+    code = textwrap.dedent("""
+        import sys
+        import keras
+        ns = {"keras": keras}
+        exec("from tf_adamax import *", ns)
+        print("keras kept", ns["keras"] is keras)
+        print("names", sorted(k for k in ns if not k.startswith("__")))
+        print("tf_keras imported", "tf_keras" in sys.modules)
+        sys.modules["tf_keras"] = None  # as if tf-keras were not installed
+        import tf_adamax
+        print("has tf_keras", hasattr(tf_adamax, "tf_keras"))
+        try:
+            tf_adamax.tf_keras
+        except AttributeError as e:
+            print("message", "tf-keras" in str(e) or "tf_keras" in str(e))
+        print("has keras", hasattr(tf_adamax, "keras"))
+        tf_adamax.Adamax().build([__import__("tensorflow").Variable([1.0])])
+        print("core ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for line in ("keras kept True", "names ['Adamax', 'keras']",
+                 "tf_keras imported False", "has tf_keras False",
+                 "message True", "has keras True", "core ok"):
+        assert line in proc.stdout, proc.stdout
+
+
 @pytest.mark.parametrize("device,parts", [
     ("/job:localhost/replica:0/task:0/device:CPU:0", 4), ("/device:CPU:0", 4),
     ("/job:localhost/replica:0/task:0/device:GPU:0", 1), ("/device:TPU:0", 1),

@@ -9,11 +9,22 @@ import importlib
 
 from tf_adamax.optimizer import Adamax
 
-__all__ = ["Adamax", "keras", "tf_keras"]
+__version__ = "0.1.0"
+
+# Only the core: `from tf_adamax import *` must not bind the names `keras`
+# and `tf_keras` over the user's own (nor import either Keras).
+__all__ = ["Adamax"]
 
 
 def __getattr__(name):
     # Lazy adapters: each imports its own Keras only when asked for.
     if name in ("keras", "tf_keras"):
-        return importlib.import_module(f"tf_adamax.{name}")
+        try:
+            return importlib.import_module(f"tf_adamax.{name}")
+        except ImportError as e:
+            # An attribute lookup fails with AttributeError, so that
+            # `hasattr(tf_adamax, "tf_keras")` is False without tf-keras;
+            # the message says what to install.
+            raise AttributeError(
+                f"tf_adamax.{name} is unavailable: {e}") from e
     raise AttributeError(f"module 'tf_adamax' has no attribute {name!r}")
