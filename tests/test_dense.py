@@ -327,3 +327,37 @@ def test_float16_accumulated_mean_is_kept_in_float32(mode):
                                rtol=1e-6)
     assert_allclose_according_to_type(var, w, "float16")
     assert to_numpy(var)[0, 0] < 0.25
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_autocast_variable_and_the_variable_it_wraps_share_slots(jit):
+    # A tf-keras mixed-precision layer hands out AutoCastVariables wrapping
+    # its float32 variables. The wrapper and the variable are one model
+    # variable: steps through either update one set of slots (tf-keras's own
+    # optimizers key them alike), from the float32 value.
+    tf_keras = pytest.importorskip("tf_keras")
+    from reference import dense_step
+    tf_keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        layer = tf_keras.layers.Dense(2, use_bias=False,
+                                      kernel_initializer="ones")
+        layer.build((None, 2))
+    finally:
+        tf_keras.mixed_precision.set_global_policy("float32")
+    wrapper, inner = layer.kernel, layer.kernel._variable
+    assert wrapper is not inner and inner.dtype == tf.float32
+    opt = tf_adamax.Adamax(0.1, jit_compile=jit)
+    grads = [np.array([[0.5, -1.0], [2.0, 0.25]]),
+             np.array([[-0.25, 3.0], [1.0, -0.5]]),
+             np.array([[1.0, 1.0], [-2.0, 0.125]])]
+    w, m, u = np.ones((2, 2)), np.zeros((2, 2)), np.zeros((2, 2))
+    for t, (g, var) in enumerate(zip(grads, [wrapper, inner, wrapper]), 1):
+        opt.apply_gradients([(tf.constant(g, tf.float32), var)])
+        w, m, u = dense_step(w, m, u, g, 0.1, 0.9, 0.999, 1e-7, t)
+    np.testing.assert_allclose(inner.numpy(), w, rtol=1e-6)
+    for v in (wrapper, inner):
+        np.testing.assert_allclose(opt.get_slot(v, "momentum").numpy(), m,
+                                   rtol=1e-6)
+        np.testing.assert_allclose(opt.get_slot(v, "norm").numpy(), u,
+                                   rtol=1e-6)
+    assert len(opt.variables) == 4  # iterations, rate, one m, one u

@@ -19,11 +19,19 @@ from tf_adamax import _private
 
 
 def unwrap(var):
-    """The `tf.Variable` behind a Keras 3 variable (or `var` itself).
+    """The `tf.Variable` behind a Keras 3 variable or a tf-keras
+    `AutoCastVariable` (or `var` itself).
 
     Keras 3 variables on the TensorFlow backend wrap a `tf.Variable` as
-    `.value`; the core optimizer updates that variable directly.
+    `.value`; the core optimizer updates that variable directly. tf-keras's
+    mixed-precision `AutoCastVariable` is itself a `tf.Variable` wrapping
+    the float32 one (`_variable`): the wrapper and the variable are one
+    model variable, with one set of slots (tf-keras keys both alike), and
+    the update reads the float32 value, not the wrapper's cast.
     """
+    inner = getattr(var, "_variable", None)
+    if isinstance(inner, tf.Variable) and hasattr(var, "_cast_dtype"):
+        return inner  # tf-keras AutoCastVariable (duck-typed: no tf_keras)
     if isinstance(var, tf.Variable):
         return var
     inner = getattr(var, "value", None)
