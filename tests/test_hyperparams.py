@@ -729,3 +729,84 @@ def test_saved_model_of_a_step_that_created_its_variable_with_ema(tmp_path):
     loaded.step(tf.constant([1.0, 2.0]))
     head.step(tf.constant([1.0, 2.0]))
     np.testing.assert_allclose(loaded.b.numpy(), head.b.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("sparse_mode", ["exact", "lazy"])
+@pytest.mark.parametrize("jit", [True, False])
+def test_setting_keras_options_between_eager_steps(jit, sparse_mode):
+    # Keras 3 users set `optimizer.weight_decay = ...` or a clip on the
+    # optimizer: the core used to accept such a set as a plain attribute,
+    # read it back, and step without it. Now each is the step's option,
+    # validated like the constructor's, used from the next eager step on.
+    from reference import SparseGrad
+
+    rng = np.random.default_rng(9)
+    table0, vec0 = rng.normal(size=(6, 2)), rng.normal(size=(3,))
+    table, vec = tf.Variable(table0), tf.Variable(vec0)
+    opt = make_optimizer("jit" if jit else "eager", learning_rate=0.1,
+                         sparse_mode=sparse_mode)
+    ref = AdamaxReference(learning_rate=0.1, sparse_mode=sparse_mode)
+    ref.add_variable("t", table0)
+    ref.add_variable("v", vec0)
+    settings = [{}, {"weight_decay": 0.1, "clipnorm": 0.5},
+                {"clipnorm": None, "global_clipnorm": 0.3,
+                 "loss_scale_factor": 4.0},
+                {"global_clipnorm": 0, "clipvalue": 0.2, "weight_decay": None}]
+    for change in settings:
+        for name, value in change.items():
+            setattr(opt, name, value)
+            setattr(ref, name, value or None)  # a zero clip is no clip
+        idx = np.array([1, 4, 1, 1])  # row 1 three times, opposite signs
+        vals = rng.normal(size=(4, 2))
+        vals[2] = -vals[0] - 0.25
+        g_vec = rng.normal(size=(3,))
+        opt.apply_gradients([
+            (tf.IndexedSlices(tf.constant(vals), tf.constant(idx),
+                              tf.constant([6, 2])), table),
+            (tf.constant(g_vec), vec)])
+        ref.apply({"t": SparseGrad(idx, vals), "v": g_vec})
+    np.testing.assert_allclose(table.numpy(), ref.w["t"], rtol=1e-12)
+    np.testing.assert_allclose(vec.numpy(), ref.w["v"], rtol=1e-12)
+    np.testing.assert_allclose(opt.get_slot(table, "norm").numpy(),
+                               ref.u["t"], rtol=1e-12)
+    config = opt.get_config()
+    assert (config["clipvalue"], config["global_clipnorm"],
+            config["weight_decay"], config["loss_scale_factor"]) == (
+                0.2, None, None, 4.0)
+    assert (opt.clipvalue, opt.global_clipnorm) == (0.2, None)
+
+
+def test_option_setters_refuse_what_the_constructor_refuses():
+    var = tf.Variable([1.0, 2.0])
+    opt = tf_adamax.Adamax(0.1, clipnorm=1.0, jit_compile=False)
+    opt.apply_gradients([(tf.constant([0.5, -0.5]), var)])
+    before = [v.numpy().copy() for v in opt.variables]
+    for name, value, match in [
+            ("weight_decay", -1.0, "weight_decay"),
+            ("clipnorm", -2.0, "clipnorm"),
+            ("global_clipnorm", 1.0, "global_clipnorm"),  # with clipnorm
+            ("clipvalue", float("nan"), "clipvalue"),
+            ("loss_scale_factor", 0.0, "loss_scale_factor"),
+            ("ema_momentum", 1.5, "ema_momentum"),
+            ("ema_overwrite_frequency", 0.5, "ema_overwrite_frequency")]:
+        old = getattr(opt, name)
+        with pytest.raises(ValueError, match=match):
+            setattr(opt, name, value)
+        assert getattr(opt, name) == old or (old is None and
+                                             getattr(opt, name) is None)
+    for name, value in [("use_ema", True), ("gradient_accumulation_steps", 2),
+                        ("sparse_mode", "lazy"), ("jit_compile", True)]:
+        with pytest.raises(AttributeError, match=f"{name} is fixed.*from_config"):
+            setattr(opt, name, value)
+    assert (opt.use_ema, opt.gradient_accumulation_steps, opt.sparse_mode,
+            opt.jit_compile) == (False, None, "exact", False)
+    for v, b in zip(opt.variables, before):
+        np.testing.assert_array_equal(v.numpy(), b)
+
+    # After a tf.function applied a step, a change it would ignore raises.
+    tf.function(lambda: opt.apply_gradients(
+        [(tf.constant([0.5, -0.5]), var)]))()
+    opt.clipnorm = 1.0  # the value it was traced with
+    with pytest.raises(TypeError, match="Cannot set weight_decay"):
+        opt.weight_decay = 0.1
+    assert opt.weight_decay is None and opt.get_config()["weight_decay"] is None

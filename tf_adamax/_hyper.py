@@ -161,6 +161,13 @@ def check_update_options(learning_rate, weight_decay, clipnorm, clipvalue,
     with such zeros as None.
     """
     check_learning_rate(learning_rate)
+    return check_decay_and_clips(weight_decay, clipnorm, clipvalue,
+                                 global_clipnorm)
+
+
+def check_decay_and_clips(weight_decay, clipnorm, clipvalue, global_clipnorm):
+    """`check_update_options` but for the rate (for a change of one of
+    these options after construction)."""
     check_scalar("weight_decay", weight_decay, low=0.0, high=None,
                  high_open=False, allow_none=True)
     clipnorm, clipvalue, global_clipnorm = (

@@ -290,25 +290,26 @@ class Adamax(tf.Module):
     def _strategy(self):
         return self._fns.strategy
 
-    @property
-    def jit_compile(self):
-        """Whether the update runs as one XLA program per call (read-only)."""
-        return self._jit_compile
-
-    @property
-    def sparse_mode(self):
-        """`"exact"` or `"lazy"`: how `IndexedSlices` are applied (read-only)."""
-        return self._config.sparse_mode
-
-    def _set_adamax_option(self, name, value):
-        """Sets `beta_1`, `beta_2` or `epsilon`, validated; eagerly, or
-        before any tf.function applied a step (a traced step keeps the
-        value it was traced with)."""
+    def _set_option(self, name, value):
+        """Sets a step option (`_SETTABLE`), validated as the constructor
+        validates it; eagerly, or before any tf.function applied a step (a
+        traced step keeps the value it was traced with). A refused value
+        leaves the old one."""
         value = _distribute.unwrap(value)
         config = self._config._replace(**{name: value})
         _hyper.check_adamax(config.beta_1, config.beta_2, config.epsilon,
                             config.sparse_mode, warn=name == "epsilon")
-        current = getattr(self._config, name)
+        clipnorm, clipvalue, global_clipnorm = _hyper.check_decay_and_clips(
+            config.weight_decay, config.clipnorm, config.clipvalue,
+            config.global_clipnorm)
+        ema_overwrite_frequency, _ = _hyper.check_keras_options(
+            config.ema_momentum, config.ema_overwrite_frequency,
+            config.loss_scale_factor)
+        config = config._replace(
+            clipnorm=clipnorm, clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            ema_overwrite_frequency=ema_overwrite_frequency)
+        current, value = getattr(self._config, name), getattr(config, name)
         same = value is current or (
             isinstance(value, (int, float)) and isinstance(current, (int, float))
             and value == current)
@@ -316,18 +317,60 @@ class Adamax(tf.Module):
             raise _ignored_after_trace(
                 name, f"the value it was traced with ({current!r})",
                 "Create a new optimizer (`Adamax.from_config({**optimizer."
-                f"get_config(), {name!r}: {value!r}}})`) and function.")
+                f"get_config(), {name!r}: {value!r}}})`) and function, or "
+                "pass a tf.Variable for a value that changes during "
+                "training and assign it.")
         self._fns.config = config
 
-    beta_1 = property(lambda self: self._config.beta_1,
-                      lambda self, v: self._set_adamax_option("beta_1", v),
-                      doc="Decay of the first moment.")
-    beta_2 = property(lambda self: self._config.beta_2,
-                      lambda self, v: self._set_adamax_option("beta_2", v),
-                      doc="Decay of the infinity norm.")
-    epsilon = property(lambda self: self._config.epsilon,
-                       lambda self, v: self._set_adamax_option("epsilon", v),
-                       doc="Added to the norm for stability.")
+    def _fixed_option(self, name, value):
+        raise AttributeError(
+            f"{name} is fixed when the optimizer is created (it decides the "
+            f"optimizer's state or program). Create a new one: "
+            f"`Adamax.from_config({{**optimizer.get_config(), {name!r}: "
+            f"{value!r}}})`.")
+
+    def _option(name, doc, settable=True):  # pylint: disable=no-self-argument
+        """A property reading the step config's `name`; its setter is
+        `_set_option`, or refuses (`_fixed_option`)."""
+        return property(
+            lambda self: getattr(self._config, name),
+            (lambda self, v: self._set_option(name, v)) if settable
+            else (lambda self, v: self._fixed_option(name, v)),
+            doc=doc)
+
+    beta_1 = _option("beta_1", "Decay of the first moment.")
+    beta_2 = _option("beta_2", "Decay of the infinity norm.")
+    epsilon = _option("epsilon", "Added to the norm for stability.")
+    weight_decay = _option("weight_decay", "Decoupled weight decay, or None.")
+    clipnorm = _option("clipnorm", "Per-variable gradient norm clip, or None.")
+    clipvalue = _option("clipvalue", "Gradient value clip, or None.")
+    global_clipnorm = _option("global_clipnorm",
+                              "Clip of the norm of all gradients, or None.")
+    loss_scale_factor = _option("loss_scale_factor",
+                                "Gradients are divided by it, or None.")
+    ema_momentum = _option("ema_momentum", "Momentum of the weights' EMA.")
+    ema_overwrite_frequency = _option(
+        "ema_overwrite_frequency",
+        "Steps between overwrites of the weights by their EMA, or None.")
+    use_ema = _option("use_ema", "Whether an EMA of the weights is kept "
+                      "(fixed at construction).", settable=False)
+    gradient_accumulation_steps = _option(
+        "gradient_accumulation_steps",
+        "Calls per update, or None (fixed at construction).", settable=False)
+    sparse_mode = _option("sparse_mode", '`"exact"` or `"lazy"`: how '
+                          "`IndexedSlices` are applied (fixed at "
+                          "construction).", settable=False)
+    del _option
+
+    @property
+    def jit_compile(self):
+        """Whether the update runs as one XLA program per call (fixed at
+        construction)."""
+        return self._jit_compile
+
+    @jit_compile.setter
+    def jit_compile(self, value):
+        self._fixed_option("jit_compile", value)
 
     def exclude_from_weight_decay(self, var_list=None, var_names=None):
         """Excludes variables from weight decay: those in `var_list`, and
