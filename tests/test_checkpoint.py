@@ -540,3 +540,89 @@ def test_iterations_after_a_restore_into_another_accumulation(
     assert int(new.iterations.numpy()) == expected
     new.apply_gradients([(tf.constant([0.5, 0.25]), ckpt.v)])
     assert int(new.iterations.numpy()) == (calls + 1) // (restored_n or 1)
+
+
+class _PicklableModel(tf.Module):
+    def __init__(self, jit):
+        super().__init__()
+        self.table = tf.Variable(np.arange(8.0).reshape(4, 2))
+        self.bias = tf.Variable([1.0, -2.0], dtype=tf.float64)
+        self.opt = tf_adamax.Adamax(0.1, jit_compile=jit)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("jit", [True, False])
+def test_copies_of_a_module_holding_the_optimizer_train_on(how, jit):
+    # copy.deepcopy and pickle of a tf.Module holding its weights and the
+    # core optimizer (they raised: the optimizer held the strategy). The
+    # copy steps on from the same state, with its own slots, keyed by its own
+    # copies of the weights; the original is untouched by the copy's steps.
+    import copy
+    import pickle
+
+    from reference import AdamaxReference, SparseGrad
+
+    def step(model, idx, vals, g):
+        model.opt.apply_gradients([
+            (tf.IndexedSlices(tf.constant(vals), tf.constant(idx),
+                              tf.constant([4, 2])), model.table),
+            (tf.constant(g), model.bias)])
+
+    rng = np.random.default_rng(3)
+    batches = [(np.array([1, 3, 1]), rng.normal(size=(3, 2)),
+                rng.normal(size=(2,))) for _ in range(4)]
+    batches[0][1][2] = -batches[0][1][0]  # row 1 twice, opposite signs
+    model = _PicklableModel(jit)
+    ref = AdamaxReference(learning_rate=0.1)
+    ref.add_variable("t", model.table.numpy())
+    ref.add_variable("b", model.bias.numpy())
+    for idx, vals, g in batches[:2]:
+        step(model, idx, vals, g)
+        ref.apply({"t": SparseGrad(idx, vals), "b": g})
+    kept = [v.numpy().copy() for v in (model.table, model.bias)]
+    clone = (copy.deepcopy(model) if how == "deepcopy"
+             else pickle.loads(pickle.dumps(model)))
+    assert clone.opt.get_slot(clone.table, "norm") is not \
+        model.opt.get_slot(model.table, "norm")
+    for idx, vals, g in batches[2:]:
+        step(clone, idx, vals, g)
+        ref.apply({"t": SparseGrad(idx, vals), "b": g})
+    np.testing.assert_allclose(clone.table.numpy(), ref.w["t"], rtol=1e-12)
+    np.testing.assert_allclose(clone.bias.numpy(), ref.w["b"], rtol=1e-12)
+    np.testing.assert_allclose(
+        clone.opt.get_slot(clone.table, "momentum").numpy(), ref.m["t"],
+        rtol=1e-12)
+    assert int(clone.opt.iterations) == 4 and int(model.opt.iterations) == 2
+    for v, k in zip((model.table, model.bias), kept):
+        np.testing.assert_array_equal(v.numpy(), k)
+    assert len(clone.opt.variables) == len(model.opt.variables) == 6
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_the_optimizer_does_not_keep_freed_variables_alive(jit):
+    # One optimizer serving models built one after another (rebuilt in a
+    # loop): a freed model variable must be freed, with its slots; the
+    # optimizer kept every one (and its slots) for ever. A new variable
+    # gets fresh slots and the reference's numbers.
+    import gc
+    import weakref
+
+    from reference import dense_step
+
+    opt = tf_adamax.Adamax(0.1, jit_compile=jit)
+    refs = []
+    for _ in range(3):
+        var = tf.Variable(np.ones(4))
+        opt.apply_gradients([(tf.constant(np.full(4, 0.5)), var)])
+        assert len(opt.variables) == 4  # iterations, rate, m, u
+        refs.append(weakref.ref(var))
+        del var
+        gc.collect()
+    assert [r() for r in refs] == [None] * 3
+    assert len(opt.variables) == 2
+    var = tf.Variable(np.ones(4))
+    opt.apply_gradients([(tf.constant(np.full(4, -0.5)), var)])
+    w, m, u = dense_step(np.ones(4), 0, 0, np.full(4, -0.5), 0.1, 0.9,
+                         0.999, 1e-7, 4)
+    np.testing.assert_allclose(var.numpy(), w, rtol=1e-12)
+    np.testing.assert_allclose(opt.get_slot(var, "norm").numpy(), u)

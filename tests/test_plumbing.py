@@ -870,3 +870,34 @@ def test_adapter_steps_alternating_variables_of_one_shape(front, mode):
     for key, var in (("a", a), ("b", b), ("ta", table_a), ("tb", table_b)):
         np.testing.assert_allclose(var.numpy(), ref.w[key], rtol=1e-6,
                                    atol=1e-6, err_msg=key)
+
+
+def test_a_tf_keras_model_holding_the_core_counts_its_state_once():
+    # tf-keras counts a tf.Module attribute's `variables` among a model's
+    # weights, and its trainable / non-trainable variables among those; the
+    # core's `non_trainable_variables` missed the slots, so `weights` (8)
+    # was not trainable (2) + non-trainable (2) weights.
+    tf_keras = pytest.importorskip("tf_keras")
+
+    class Model(tf_keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = tf_keras.layers.Dense(2)
+            self.opt = tf_adamax.Adamax(0.1)
+
+        def call(self, x):
+            return self.dense(x)
+
+    model = Model()
+    x = np.ones((1, 2), np.float32)
+    model(x)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(model(x))
+    model.opt.apply_gradients(zip(tape.gradient(loss, model.trainable_weights),
+                                  model.trainable_weights))
+    ids = lambda vs: sorted(id(v) for v in vs)
+    assert len(model.trainable_weights) == 2
+    assert ids(model.weights) == ids(model.trainable_weights
+                                     + model.non_trainable_weights)
+    assert ids(model.opt.non_trainable_variables) == ids(model.opt.variables)
+    assert len(model.opt.variables) == 6  # iterations, rate, 2 x (m, u)

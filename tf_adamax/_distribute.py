@@ -29,9 +29,12 @@ def unwrap(var):
     model variable, with one set of slots (tf-keras keys both alike), and
     the update reads the float32 value, not the wrapper's cast.
     """
-    inner = getattr(var, "_variable", None)
-    if isinstance(inner, tf.Variable) and hasattr(var, "_cast_dtype"):
-        return inner  # tf-keras AutoCastVariable (duck-typed: no tf_keras)
+    if type(var).__name__ == "AutoCastVariable":  # no tf_keras import
+        # From the instance's own attributes: on a distributed variable
+        # (not this class) `getattr` would fall through to a value read.
+        inner = vars(var).get("_variable")
+        if isinstance(inner, tf.Variable):
+            return inner
     if isinstance(var, tf.Variable):
         return var
     inner = getattr(var, "value", None)
@@ -60,12 +63,19 @@ def expand(var_list):
     return out
 
 
-def var_key(var):
-    """A hashable key naming a model variable, the same for all its views
-    (a mirrored variable and each of its per-device components)."""
+def key_owner(var):
+    """The object that stands for a model variable in all its views (a
+    mirrored variable for each of its per-device components, the
+    `tf.Variable` behind a Keras wrapper)."""
     var = unwrap(var)
     container = _private.distributed_container(var)
-    return (var if container is None else container).ref()
+    return var if container is None else container
+
+
+def var_key(var):
+    """A hashable key naming a model variable, the same for all its views
+    (`key_owner`). It keeps the variable alive: for per-step use."""
+    return key_owner(var).ref()
 
 
 def is_parameter_server(strategy):

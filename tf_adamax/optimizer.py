@@ -148,10 +148,10 @@ class Adamax(tf.Module):
         # Plain Python state lives in an untracked holder: tf.Module would
         # otherwise wrap tuples and functions as checkpoint dependencies.
         self._fns = Untracked(
+            shared=("strategy", "update"),
             config=config,
             strategy=_distribute.current_strategy(),
-            update=_distribute.compiled(_step.apply_step)
-            if jit_compile else _step.apply_step,
+            update=_new_update(jit_compile),
             warned_none=False,
             traced=False,  # a step was traced in a tf.function
             exclude_ids=set(),
@@ -170,6 +170,17 @@ class Adamax(tf.Module):
         self._learning_rate = None  # the variable holding a constant rate
         self._set_lr(learning_rate)
         self._slots = _slots.SlotTable()
+
+    def __setstate__(self, state):
+        # A deep copy or an unpickled optimizer. No tf.function has traced a
+        # step of this new object. Pickle leaves out the strategy and the
+        # compiled update (`Untracked`): this process's current strategy
+        # and a new update; a deep copy shares both.
+        self.__dict__.update(state)
+        self._fns.traced = False
+        if not hasattr(self._fns, "strategy"):
+            self._fns.strategy = _distribute.current_strategy()
+            self._fns.update = _new_update(self._jit_compile)
 
     # ------------------------------------------------------------------
     # Hyperparameters
@@ -479,7 +490,16 @@ class Adamax(tf.Module):
 
     @property
     def trainable_variables(self):
+        """None of the optimizer's state is trainable."""
         return []
+
+    @property
+    def non_trainable_variables(self):
+        """All optimizer state (`variables`): a parent that sums a module's
+        trainable and non-trainable variables (a tf-keras layer holding
+        this optimizer as an attribute) then counts the same state as
+        `variables` does (tf.Module's default walk finds no slot)."""
+        return self.variables
 
     def _copy_trackable_to_cpu(self, object_map):
         # TF's hook for async checkpoints (like `_trackable_children`): a
@@ -943,6 +963,12 @@ _LR_NOW = "tf_adamax_learning_rate_when_saved"
 
 
 _private.register_for_saved_model(Adamax)
+
+
+def _new_update(jit_compile):
+    """The function that applies a step's updates: compiled, or not."""
+    return (_distribute.compiled(_step.apply_step) if jit_compile
+            else _step.apply_step)
 
 
 def _plain(value):
