@@ -345,8 +345,8 @@ class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
                                    dtype)))
 
     def _clips(self):
-        # Zero clips reach Keras as None (the constructor), and negative
-        # ones are refused there.
+        # Zero clips reach Keras as None, and negative ones are refused (the
+        # constructor and the setters, `_adapter.KernelUpdates`).
         return any(x is not None for x in (
             self.clipnorm, self.clipvalue, self.global_clipnorm))
 
