@@ -674,3 +674,37 @@ def test_load_model_of_a_model_saved_before_training(tmp_path):
     ids, y = token_regression_data()
     restored.fit(ids[:8], y[:8], batch_size=4, verbose=0)
     assert int(restored.optimizer.iterations.numpy()) == 2
+
+
+def test_jit_compile_set_after_construction_is_used_and_saved():
+    # The attribute read back False while the update stayed one XLA program
+    # and get_config still said True (the adapter kept its own flag).
+    rng = np.random.default_rng(5)
+    init = rng.normal(size=(3, 2)).astype("float32")
+    grads = [tf.constant(rng.normal(size=(3, 2)).astype("float32"))
+             for _ in range(3)]
+    results = []
+    for cls in (Adamax, tf_keras.optimizers.Adamax):
+        var = tf.Variable(init)
+        opt = cls(learning_rate=0.1)
+        calls = []
+        if cls is Adamax:
+            compiled = opt._update_compiled
+            opt._update_compiled = lambda *a: (calls.append(1), compiled(*a))
+        opt.apply_gradients([(grads[0], var)])
+        opt.jit_compile = False
+        assert opt.jit_compile is False
+        assert opt.get_config()["jit_compile"] is False
+        opt.apply_gradients([(grads[1], var)])
+        if cls is Adamax:
+            assert len(calls) == 1  # the first step only
+            opt.jit_compile = True  # and back on
+            assert opt.get_config()["jit_compile"] is True
+        opt.apply_gradients([(grads[2], var)])
+        if cls is Adamax:
+            assert len(calls) == 2
+            assert type(opt).from_config(opt.get_config()).jit_compile is True
+        results.append([var.numpy()] + [v.numpy() for v in opt.variables[1:]])
+    for ours, builtin in zip(*results):
+        np.testing.assert_allclose(ours, builtin, rtol=1e-6, atol=1e-7)
+
