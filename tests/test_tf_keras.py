@@ -708,3 +708,24 @@ def test_jit_compile_set_after_construction_is_used_and_saved():
     for ours, builtin in zip(*results):
         np.testing.assert_allclose(ours, builtin, rtol=1e-6, atol=1e-7)
 
+
+def test_import_without_tf_keras_says_what_to_install():
+    # It failed with a bare "No module named 'tf_keras'".
+    script = (
+        "import sys\n"
+        "sys.modules['tf_keras'] = None  # as if tf-keras were not installed\n"
+        "import tf_adamax, tf_adamax.keras\n"
+        "tf_adamax.Adamax(0.1); tf_adamax.keras.Adamax(0.1)\n"
+        "try:\n"
+        "    import tf_adamax.tf_keras\n"
+        "except ImportError as error:\n"
+        "    assert error.__cause__ is not None\n"
+        "    print(error)\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    message = proc.stdout
+    for words in ("tf_adamax.tf_keras needs tf-keras 2.21",
+                  'pip install "tf-keras>=2.21,<2.22"',
+                  "tf_adamax.Adamax", "tf_adamax.keras"):
+        assert words in message, message

@@ -16,7 +16,15 @@ import re
 import warnings
 
 import tensorflow as tf
-import tf_keras
+
+try:
+    import tf_keras
+except ImportError as error:
+    raise ImportError(
+        f"tf_adamax.tf_keras needs tf-keras 2.21 (import tf_keras failed: "
+        f'{error}). Install it with: pip install "tf-keras>=2.21,<2.22". '
+        "tf_adamax.Adamax (no Keras) and tf_adamax.keras (Keras 3) work "
+        "without it.") from error
 
 from tf_adamax import _adapter
 from tf_adamax import _checks
