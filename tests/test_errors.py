@@ -705,3 +705,85 @@ def test_new_variable_in_retrace_after_user_variables_gets_a_clear_error():
     assert int(opt.iterations.numpy()) == 2
     np.testing.assert_allclose(new.numpy(), [_one_step_from(2.0, t=2)],
                                rtol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# The adapters check assignments as their constructors check arguments.
+# --------------------------------------------------------------------------
+# (option, refused value, message words, a valid value)
+ADAPTER_SETTER_CASES = [
+    ("beta_1", 1.5, ("beta_1", "1.5"), 0.5),
+    ("beta_2", -0.1, ("beta_2", "-0.1"), 0.9),
+    ("epsilon", -1.0, ("epsilon", "-1.0"), 1e-3),
+    ("learning_rate", -1.0, ("learning_rate", "-1.0"), 0.05),
+    ("learning_rate", math.nan, ("learning_rate", "nan"), 0.05),
+    ("weight_decay", -1.0, ("weight_decay", "-1.0"), 0.01),
+    ("clipnorm", -1.0, ("clipnorm", "-1.0"), 2.0),
+    ("clipvalue", math.inf, ("clipvalue", "inf"), 0.5),
+    ("global_clipnorm", -2.0, ("global_clipnorm", "-2.0"), 3.0),
+    ("sparse_mode", "lazzy", ("sparse_mode", "'lazzy'", "Did you mean 'lazy'"),
+     "lazy"),
+]
+
+
+def _option(opt, name):
+    value = getattr(opt, name)
+    return float(value) if name == "learning_rate" else value
+
+
+@pytest.mark.parametrize("front", ("keras3", "tf_keras"))
+@pytest.mark.parametrize("name,bad,words,good", ADAPTER_SETTER_CASES,
+                         ids=[f"{n}={b}" for n, b, _, _ in ADAPTER_SETTER_CASES])
+def test_adapter_setters_refuse_what_the_constructor_refuses(front, name, bad,
+                                                             words, good):
+    # Set after construction, each was accepted (training then ran with it,
+    # or, for a sparse_mode typo, exact, and the saved model failed to load).
+    opt = _front(front)(learning_rate=0.01)
+    old = _option(opt, name)
+    with pytest.raises(ValueError, match=_mentions(*words)):
+        setattr(opt, name, bad)
+    assert _option(opt, name) == old
+    setattr(opt, name, good)
+    assert _option(opt, name) == pytest.approx(good)
+
+
+@pytest.mark.parametrize("front", ("keras3", "tf_keras"))
+def test_adapter_clip_setters_keep_the_constructors_one_clip_rule(front):
+    opt = _front(front)(clipnorm=1.0)
+    with pytest.raises(ValueError, match=_mentions("clipnorm",
+                                                   "global_clipnorm")):
+        opt.global_clipnorm = 2.0
+    with pytest.raises(ValueError, match=_mentions("clipnorm", "clipvalue")):
+        opt.clipvalue = 0.5
+    assert (opt.clipnorm, opt.clipvalue, opt.global_clipnorm) == (1.0, None,
+                                                                  None)
+    opt.clipnorm = 0  # "no clipping", as the constructor reads it
+    assert opt.clipnorm is None
+    opt.global_clipnorm = 2.0
+    assert opt.get_config()["global_clipnorm"] == 2.0
+
+
+@pytest.mark.parametrize("front", ("keras3", "tf_keras"))
+def test_adapter_options_set_after_construction_save_and_load(front, tmp_path):
+    # A refused typo left nothing behind (it was kept, and the saved model
+    # then failed to load with the constructor's error); valid values set
+    # after construction are used, saved and loaded.
+    if front == "keras3":
+        import keras as K
+    else:
+        import tf_keras as K
+    opt = _front(front)(learning_rate=0.01)
+    with pytest.raises(ValueError, match="sparse_mode"):
+        opt.sparse_mode = "lazzy"
+    opt.sparse_mode, opt.beta_1, opt.learning_rate = "lazy", 0.8, 0.05
+    opt.weight_decay, opt.clipnorm = 0.01, 1.0
+    model = K.Sequential([K.Input((2,)), K.layers.Dense(1)])
+    model.compile(optimizer=opt, loss="mse")
+    model.fit(np.ones((4, 2)), np.ones((4, 1)), verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    config = K.models.load_model(path).optimizer.get_config()
+    assert config["sparse_mode"] == "lazy"
+    assert (config["beta_1"], config["weight_decay"], config["clipnorm"]) == (
+        0.8, 0.01, 1.0)
+    assert config["learning_rate"] == pytest.approx(0.05)

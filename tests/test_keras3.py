@@ -842,3 +842,37 @@ def test_a_nan_gradient_makes_the_norm_nan():
 
 def test_rows_dropped_in_xla_do_not_count_in_clip_norms():
     check_dropped_rows_do_not_count_in_clip_norms(Adamax, keras.Variable)
+
+
+def _apply_outcome(cls, case):
+    """What `apply` does in a misuse case: its ValueError's first words, or
+    the state after it (built, iterations, weights, optimizer variables)."""
+    a = keras.Variable(np.ones(2, "float32"), name="apply_a")
+    b = keras.Variable(np.ones(3, "float32"), name="apply_b")
+    opt = cls(learning_rate=0.1)
+    try:
+        if case == "unbuilt":  # gradients alone, never built
+            opt.apply([tf.ones(2)])
+        elif case == "extra_gradients":  # more gradients than variables
+            opt.build([a])
+            opt.apply([tf.ones(2), tf.ones(3)])
+        else:  # a first step with every layer frozen, then a real one
+            opt.apply([], [])
+            opt.apply([tf.ones(2), tf.ones(3)], [a, b])
+    except ValueError as error:
+        return str(error)[:60]
+    return (opt.built, int(opt.iterations.numpy()), len(opt.variables),
+            np.asarray(a.numpy()).tolist(), np.asarray(b.numpy()).tolist())
+
+
+@pytest.mark.parametrize("case", ("unbuilt", "extra_gradients", "empty_first"))
+def test_apply_misuse_behaves_as_keras_adamax(case):
+    # The adapter took the variables as `[]` before `build` (gradients alone
+    # did nothing), zipped extra gradients away (and stepped), and built on
+    # an empty step (the next real one failed with "Unknown variable").
+    ours = _apply_outcome(Adamax, case)
+    assert ours == _apply_outcome(keras.optimizers.Adamax, case)
+    if case == "empty_first":
+        assert ours[:3] == (True, 1, 6)
+    else:
+        assert ours.startswith("When passing `grads`")

@@ -674,3 +674,58 @@ def test_load_model_of_a_model_saved_before_training(tmp_path):
     ids, y = token_regression_data()
     restored.fit(ids[:8], y[:8], batch_size=4, verbose=0)
     assert int(restored.optimizer.iterations.numpy()) == 2
+
+
+def test_jit_compile_set_after_construction_is_used_and_saved():
+    # The attribute read back False while the update stayed one XLA program
+    # and get_config still said True (the adapter kept its own flag).
+    rng = np.random.default_rng(5)
+    init = rng.normal(size=(3, 2)).astype("float32")
+    grads = [tf.constant(rng.normal(size=(3, 2)).astype("float32"))
+             for _ in range(3)]
+    results = []
+    for cls in (Adamax, tf_keras.optimizers.Adamax):
+        var = tf.Variable(init)
+        opt = cls(learning_rate=0.1)
+        calls = []
+        if cls is Adamax:
+            compiled = opt._update_compiled
+            opt._update_compiled = lambda *a: (calls.append(1), compiled(*a))
+        opt.apply_gradients([(grads[0], var)])
+        opt.jit_compile = False
+        assert opt.jit_compile is False
+        assert opt.get_config()["jit_compile"] is False
+        opt.apply_gradients([(grads[1], var)])
+        if cls is Adamax:
+            assert len(calls) == 1  # the first step only
+            opt.jit_compile = True  # and back on
+            assert opt.get_config()["jit_compile"] is True
+        opt.apply_gradients([(grads[2], var)])
+        if cls is Adamax:
+            assert len(calls) == 2
+            assert type(opt).from_config(opt.get_config()).jit_compile is True
+        results.append([var.numpy()] + [v.numpy() for v in opt.variables[1:]])
+    for ours, builtin in zip(*results):
+        np.testing.assert_allclose(ours, builtin, rtol=1e-6, atol=1e-7)
+
+
+def test_import_without_tf_keras_says_what_to_install():
+    # It failed with a bare "No module named 'tf_keras'".
+    script = (
+        "import sys\n"
+        "sys.modules['tf_keras'] = None  # as if tf-keras were not installed\n"
+        "import tf_adamax, tf_adamax.keras\n"
+        "tf_adamax.Adamax(0.1); tf_adamax.keras.Adamax(0.1)\n"
+        "try:\n"
+        "    import tf_adamax.tf_keras\n"
+        "except ImportError as error:\n"
+        "    assert error.__cause__ is not None\n"
+        "    print(error)\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    message = proc.stdout
+    for words in ("tf_adamax.tf_keras needs tf-keras 2.21",
+                  'pip install "tf-keras>=2.21,<2.22"',
+                  "tf_adamax.Adamax", "tf_adamax.keras"):
+        assert words in message, message

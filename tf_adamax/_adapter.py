@@ -3,7 +3,8 @@
 Each adapter subclasses its Keras generation's optimizer and this mixin
 (first, so its `_apply_weight_decay` wraps Keras's). The adapter provides
 `_slots_of(variable)` (its `tf.Variable`, `m` and `u`); Keras provides
-`_var_key`, `weight_decay` and `_apply_weight_decay`.
+`_var_key`, `weight_decay` and `_apply_weight_decay`. The mixin's
+properties check the hyperparameters on every assignment.
 """
 
 from __future__ import annotations
@@ -15,6 +16,52 @@ from tf_adamax import _distribute
 from tf_adamax import _hyper
 from tf_adamax import _math
 from tf_adamax._untracked import Untracked
+
+
+# Valid values of the options `_hyper.check_adamax` checks together, for
+# checking one of them on its own.
+_ADAMAX_OPTIONS = dict(beta_1=0.9, beta_2=0.999, epsilon=1e-7,
+                       sparse_mode="exact")
+# The options `_hyper.check_update_options` checks besides the rate (in its
+# argument order).
+_UPDATE_OPTIONS = ("weight_decay", "clipnorm", "clipvalue", "global_clipnorm")
+
+
+def _checked_adamax_option(optimizer, name, value):
+    """`value` for `name`, refused as the constructor refuses it (a changed
+    epsilon of 0 warns, as the constructor's argument does)."""
+    _hyper.check_adamax(**dict(_ADAMAX_OPTIONS, **{name: value}),
+                        warn=name in vars(optimizer))
+    return value
+
+
+def _checked_update_option(optimizer, name, value):
+    """`value` for `name`, checked with the other options' current values as
+    the constructor checks them (at most one clip); a zero clip is None."""
+    options = {n: vars(optimizer).get(n) for n in _UPDATE_OPTIONS}
+    options[name] = value
+    # The rate has its own property: a valid stand-in here.
+    clips = _hyper.check_update_options(learning_rate=0.0, **options)
+    return dict(zip(_UPDATE_OPTIONS[1:], clips)).get(name, value)
+
+
+def _checked(name, check):
+    """A property `name` that `check(optimizer, name, value)` validates on
+    every assignment (Keras's own in its constructor included), so that a
+    refused value leaves the old one. The value is kept in the instance
+    `__dict__` under `name`, which the property shadows: Keras's attribute
+    tracking sees the assignment as before."""
+
+    def get(self):
+        try:
+            return vars(self)[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def set(self, value):
+        vars(self)[name] = check(self, name, value)
+
+    return property(get, set)
 
 
 class _Betas(typing.NamedTuple):
@@ -36,6 +83,29 @@ class KernelUpdates:
 
     _lazy_decay = frozenset()
     _update_all_fn = None
+
+    # Assignments are checked as the constructor's arguments are: the
+    # adapters refuse the same values after construction.
+    beta_1 = _checked("beta_1", _checked_adamax_option)
+    beta_2 = _checked("beta_2", _checked_adamax_option)
+    epsilon = _checked("epsilon", _checked_adamax_option)
+    sparse_mode = _checked("sparse_mode", _checked_adamax_option)
+    weight_decay = _checked("weight_decay", _checked_update_option)
+    clipnorm = _checked("clipnorm", _checked_update_option)
+    clipvalue = _checked("clipvalue", _checked_update_option)
+    global_clipnorm = _checked("global_clipnorm", _checked_update_option)
+
+    @property
+    def learning_rate(self):
+        """Keras's `learning_rate`; a new one is checked as the
+        constructor's, then set by Keras (a refused one leaves the old)."""
+        return super().learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        _hyper.check_learning_rate(learning_rate)
+        super(KernelUpdates, type(self)).learning_rate.fset(self,
+                                                           learning_rate)
 
     @staticmethod
     def _buildable(var_list):

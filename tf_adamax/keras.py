@@ -296,22 +296,28 @@ class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
         3's unscaling; one without `dense_shape` gets its variable's.
         """
         grads = [_checks.tensor_slices(g) for g in grads]
+        if not grads:
+            # Keras returns at once, building nothing (a step with every
+            # layer frozen must leave the optimizer buildable).
+            return super().apply(grads, trainable_variables)
         if trainable_variables is not None:
-            trainable_variables = list(trainable_variables)  # read twice
-        variables = (trainable_variables if trainable_variables is not None
-                     else getattr(self, "_trainable_variables", None))
-        checks = []
-        if variables is not None:  # before anything is built
-            _distribute.check_replica_context(variables)
-            checks = _checks.checked_before_keras(grads, variables)
-        if trainable_variables is not None and not self.built:
+            variables = trainable_variables = list(trainable_variables)
+        elif self.built and len(grads) == len(
+                self._trainable_variables_indices):
+            variables = self._trainable_variables
+        else:
+            # Gradients alone before `build`, or not one per built
+            # variable: Keras's own ValueError, on Keras's own test.
+            return super().apply(grads)
+        _distribute.check_replica_context(variables)
+        checks = _checks.checked_before_keras(grads, variables)
+        if not self.built:
             # As Keras's `apply` would, but outside the checks' control
             # dependencies: slots created under them could not be lifted
             # out of the train function (XLA refuses such a function).
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
-        if variables is not None:
-            grads = _checks.for_keras(grads, variables)
+        grads = _checks.for_keras(grads, variables)
         self._lazy_decay = _hyper.lazy_decay_keys(
             self.sparse_mode, bool(self.gradient_accumulation_steps), grads,
             variables, self._var_key,
@@ -339,8 +345,8 @@ class Adamax(_adapter.KernelUpdates, keras.optimizers.Optimizer):
                                    dtype)))
 
     def _clips(self):
-        # Zero clips reach Keras as None (the constructor), and negative
-        # ones are refused there.
+        # Zero clips reach Keras as None, and negative ones are refused (the
+        # constructor and the setters, `_adapter.KernelUpdates`).
         return any(x is not None for x in (
             self.clipnorm, self.clipvalue, self.global_clipnorm))
 

@@ -16,7 +16,15 @@ import re
 import warnings
 
 import tensorflow as tf
-import tf_keras
+
+try:
+    import tf_keras
+except ImportError as error:
+    raise ImportError(
+        f"tf_adamax.tf_keras needs tf-keras 2.21 (import tf_keras failed: "
+        f'{error}). Install it with: pip install "tf-keras>=2.21,<2.22". '
+        "tf_adamax.Adamax (no Keras) and tf_adamax.keras (Keras 3) work "
+        "without it.") from error
 
 from tf_adamax import _adapter
 from tf_adamax import _checks
@@ -90,7 +98,10 @@ class Adamax(_adapter.KernelUpdates, tf_keras.optimizers.Optimizer):
         program per core). Under a `tf.distribute` strategy or with `use_ema`,
         tf-keras's per-variable update runs instead, compiled per variable
         only when a GPU is present, as in tf-keras. (`model.compile(
-        jit_compile=True)` compiles the whole train step regardless.)
+        jit_compile=True)` compiles the whole train step regardless.) The
+        `jit_compile` attribute reads this argument; setting it switches
+        the one program, and tf-keras's per-variable compilation, as tf-keras
+        switches its own.
       name: Name of the optimizer.
       sparse_mode: `"exact"` or `"lazy"`, see above.
       **kwargs: Other `tf_keras.optimizers.Optimizer` arguments; unknown
@@ -161,9 +172,33 @@ class Adamax(_adapter.KernelUpdates, tf_keras.optimizers.Optimizer):
         self.beta_2 = beta_2
         self.epsilon = epsilon
         self.sparse_mode = sparse_mode
-        # tf-keras turns `self.jit_compile` off without a GPU; the update of
-        # all variables is compiled as one program on any device.
+        # tf-keras set `jit_compile` (the property below) to its GPU-only
+        # flag; the update of all variables is compiled as one program on
+        # any device, as the argument says.
         self._jit_all = jit_compile
+
+    @property
+    def jit_compile(self):
+        """Whether the update of all variables is compiled as one XLA
+        program (the constructor's argument, as `get_config` gives it).
+        Setting it switches that program on or off, and tf-keras's
+        per-variable compilation (`_update_step_xla`) as it would for its
+        own Adamax."""
+        return self._jit_all
+
+    @jit_compile.setter
+    def jit_compile(self, jit_compile):
+        # Also tf-keras's own assignment in its constructor, of its GPU-only
+        # flag, which `__init__` then replaces by the argument as given.
+        self._jit_all = self._keras_jit_compile = jit_compile
+
+    def _update_step_xla(self, gradient, variable, key):
+        # tf-keras's per-variable path (under a strategy, or with EMA) calls
+        # this when `jit_compile` is set; it compiles where tf-keras's own
+        # flag would (on a GPU, or once set by the user).
+        if self._keras_jit_compile:
+            return super()._update_step_xla(gradient, variable, key)
+        return self._update_step(gradient, variable)
 
     def build(self, var_list):
         """Creates the slots `m` and `u` of each variable.
