@@ -45,6 +45,17 @@ def _checked_update_option(optimizer, name, value):
     return dict(zip(_UPDATE_OPTIONS[1:], clips)).get(name, value)
 
 
+def _checked_keras_option(optimizer, name, value):
+    """`value` for `name` (an EMA or loss-scale option), checked as the
+    constructor checks it; a zero overwrite frequency is None."""
+    del optimizer  # each is checked on its own
+    options = dict(ema_momentum=0.99, ema_overwrite_frequency=None,
+                   loss_scale_factor=None)
+    options[name] = value
+    frequency, _ = _hyper.check_keras_options(**options)
+    return frequency if name == "ema_overwrite_frequency" else value
+
+
 def _checked(name, check):
     """A property `name` that `check(optimizer, name, value)` validates on
     every assignment (Keras's own in its constructor included), so that a
@@ -94,6 +105,10 @@ class KernelUpdates:
     clipnorm = _checked("clipnorm", _checked_update_option)
     clipvalue = _checked("clipvalue", _checked_update_option)
     global_clipnorm = _checked("global_clipnorm", _checked_update_option)
+    ema_momentum = _checked("ema_momentum", _checked_keras_option)
+    ema_overwrite_frequency = _checked("ema_overwrite_frequency",
+                                       _checked_keras_option)
+    loss_scale_factor = _checked("loss_scale_factor", _checked_keras_option)
 
     @property
     def learning_rate(self):
