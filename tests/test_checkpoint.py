@@ -1,5 +1,10 @@
 """Checkpoints (slot-variable protocol), SavedModel export and get_config round trips."""
 
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
 import warnings
 
 import keras
@@ -626,3 +631,153 @@ def test_the_optimizer_does_not_keep_freed_variables_alive(jit):
                          0.999, 1e-7, 4)
     np.testing.assert_allclose(var.numpy(), w, rtol=1e-12)
     np.testing.assert_allclose(opt.get_slot(var, "norm").numpy(), u)
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_copies_of_the_optimizer_alone(jit):
+    # copy.deepcopy of a built optimizer without its model: the copy steps
+    # on the same model with the copied state (its slots were keyed by copies
+    # of the weights that nothing held, and were dropped, leaving iterations
+    # out of step with them). copy.copy after a traced step: the original
+    # still refuses a beta its function would ignore, while a deep copy is a
+    # new optimizer no function has traced. A pickle of the optimizer alone
+    # has no model to go back to: the model's variables then get new slots,
+    # as variables the optimizer has not seen (compiled again if jit).
+    import copy
+    import pickle
+
+    from conftest import compiled_update_functions
+    from reference import dense_step
+
+    g1, g2 = np.array([1.0, -2.0]), np.array([0.5, 0.25])
+    var = tf.Variable([1.0, 2.0], dtype=tf.float64)
+    opt = tf_adamax.Adamax(0.1, jit_compile=jit)
+    tf.function(lambda: opt.apply_gradients([(tf.constant(g1), var)]))()
+    w1, m1, u1 = dense_step(np.array([1.0, 2.0]), 0, 0, g1, 0.1, 0.9, 0.999,
+                            1e-7, 1)
+
+    shallow = copy.copy(opt)
+    with pytest.raises(TypeError, match="Cannot set beta_1"):
+        opt.beta_1 = 0.5
+    assert shallow is not opt and opt.beta_1 == 0.9
+
+    clone = copy.deepcopy(opt)
+    assert len(clone.variables) == len(opt.variables) == 4
+    clone.beta_1 = 0.5  # no tf.function has traced the copy
+    clone.apply_gradients([(tf.constant(g2), var)])
+    w2, m2, u2 = dense_step(w1, m1, u1, g2, 0.1, 0.5, 0.999, 1e-7, 2)
+    np.testing.assert_allclose(var.numpy(), w2, rtol=1e-12)
+    np.testing.assert_allclose(clone.get_slot(var, "momentum").numpy(), m2,
+                               rtol=1e-12)
+    np.testing.assert_allclose(opt.get_slot(var, "momentum").numpy(), m1,
+                               rtol=1e-12)  # the original's own state
+    assert int(clone.iterations) == 2 and int(opt.iterations) == 1
+
+    var.assign(w1)
+    unpickled = pickle.loads(pickle.dumps(opt))
+    unpickled.apply_gradients([(tf.constant(g2), var)])
+    fresh, _, _ = dense_step(w1, 0, 0, g2, 0.1, 0.9, 0.999, 1e-7, 2)
+    np.testing.assert_allclose(var.numpy(), fresh, rtol=1e-12)
+    traces = sum(f.experimental_get_tracing_count()
+                 for f in compiled_update_functions(unpickled))
+    assert traces == (1 if jit else 0), traces
+
+
+def test_state_leaves_with_its_variable_in_every_table():
+    # Variables excluded from weight decay were held for ever; a restore
+    # parked for a variable that is then freed must leave with it (a new
+    # variable that gets its id must not receive it).
+    import gc
+    import weakref
+
+    w = tf.Variable([5.0, -3.0])
+    opt = tf_adamax.Adamax(0.1, weight_decay=0.1)
+    opt.apply_gradients([(tf.constant([1.0, 2.0]), w)])
+    path = tf.train.Checkpoint(w=w, opt=opt).write(
+        os.path.join(tempfile.mkdtemp(), "c"))
+    opt2 = tf_adamax.Adamax(0.1, weight_decay=0.1)
+    parked = tf.Variable([0.0, 0.0])
+    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+        tf.train.Checkpoint(w=parked, opt=opt2).read(path)
+    assert opt2.variables[2:] == []  # parked, not made
+    excluded = tf.Variable([1.0])
+    opt2.exclude_from_weight_decay(var_list=[excluded])
+    refs = [weakref.ref(parked), weakref.ref(excluded)]
+    old_id = id(parked)
+    del parked, excluded
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+    keep = []
+    for _ in range(5000):  # a new variable at the freed one's address
+        v = tf.Variable([0.0, 0.0])
+        if id(v) == old_id:
+            opt2.build([v])
+            np.testing.assert_array_equal(opt2.get_slot(v, "norm").numpy(),
+                                          [0.0, 0.0])
+            break
+        keep.append(v)
+    opt2.variables  # pylint: disable=pointless-statement
+    assert opt2._slots._deferred == {}  # pylint: disable=protected-access
+
+
+def test_no_noise_at_interpreter_exit():
+    # The slot table's weak-reference callbacks ran at exit, when module
+    # globals are None: "Exception ignored in ... TypeError" on every run.
+    code = textwrap.dedent("""
+        import tensorflow as tf
+        import tf_adamax
+        var = tf.Variable([1.0, 2.0])
+        opt = tf_adamax.Adamax(0.1)
+        opt.apply_gradients([(tf.constant([0.5, 0.5]), var)])
+        print("done")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-2000:]
+    assert "Exception ignored" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_variables_freed_by_another_thread_while_the_table_is_read():
+    # A model freed by another thread's garbage collection dropped its
+    # entries from the slot table while it was being read ("dictionary
+    # changed size during iteration").
+    import gc
+    import threading
+
+    opt = tf_adamax.Adamax(0.1, jit_compile=False)
+
+    class Model:
+        def __init__(self):
+            self.w = tf.Variable(np.ones(2))
+            self.me = self  # a cycle: freed by gc, in the freeing thread
+
+    batches = []
+    for _ in range(30):
+        models = [Model() for _ in range(10)]
+        opt.build([m.w for m in models])
+        batches.append(models)
+    del models
+    errors = []
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        def free():
+            while batches:
+                batches.pop()
+                gc.collect()
+        thread = threading.Thread(target=free)
+        thread.start()
+        while thread.is_alive():
+            try:
+                opt.variables  # pylint: disable=pointless-statement
+                copy_state = opt._slots.__getstate__()  # pylint: disable=protected-access
+                del copy_state
+            except Exception as e:  # noqa: BLE001 - collected for the assert
+                errors.append(f"{type(e).__name__}: {e}")
+        thread.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert errors == [], errors[:3]
+    gc.collect()
+    assert len(opt.variables) == 2

@@ -67,7 +67,8 @@ def child_mirrored(configs, num_steps, ckpt_modes, ckpt_dir):
                        ("mixed-dtypes", child_mixed_dtypes),
                        ("tpu-program", child_tpu_program),
                        ("component-slot", child_component_slot),
-                      ("tpu-float64", child_tpu_float64)):
+                      ("tpu-float64", child_tpu_float64),
+                      ("autocast-copy", child_autocast_and_copy)):
         try:
             results[key] = child(tf, strategy)
         except Exception:  # noqa: BLE001 - reported by the owning test
@@ -262,6 +263,59 @@ def child_component_slot(tf, strategy):
                                   for s in ("momentum", "norm"))
         except Exception as e:  # noqa: BLE001 - recorded for the test
             out[f"copy{i}"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def child_autocast_and_copy(tf, strategy):
+    """A tf-keras mixed-precision kernel stepped through its AutoCast wrapper
+    and through the mirrored variable it wraps; and a deep copy, made
+    outside `strategy.scope()`, of a module holding mirrored weights and the
+    optimizer, stepping an old and a new variable. Weights after each."""
+    import copy
+
+    import tf_adamax
+    import tf_keras
+
+    out = {}
+    tf_keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        with strategy.scope():
+            layer = tf_keras.layers.Dense(2, use_bias=False,
+                                          kernel_initializer="ones")
+            layer.build((None, 2))
+            opt = tf_adamax.Adamax(0.1, jit_compile=False)
+    finally:
+        tf_keras.mixed_precision.set_global_policy("float32")
+    wrapper, inner = layer.kernel, layer.kernel._variable
+    out["wrapper_class"] = type(wrapper).__name__
+    grads = [[[0.5, -1.0], [2.0, 0.25]], [[-0.25, 3.0], [1.0, -0.5]],
+             [[1.0, 1.0], [-2.0, 0.125]]]
+    for g, var in zip(grads, [wrapper, inner, wrapper]):
+        # Each replica's half: the all-reduce sums them to g.
+        strategy.run(lambda g=g, var=var: opt.apply_gradients(
+            [(tf.constant(g, tf.float32) / 2, var)]))
+    out["autocast_weights"] = inner.numpy().tolist()
+    out["autocast_state"] = len(opt.variables)
+
+    class Module(tf.Module):
+        def __init__(self):
+            super().__init__()
+            with strategy.scope():
+                self.w = tf.Variable([1.0, 2.0])
+                self.opt = tf_adamax.Adamax(0.1, jit_compile=False)
+
+    module = Module()
+    strategy.run(lambda: module.opt.apply_gradients(
+        [(tf.constant([0.25, -0.5]), module.w)]))
+    clone = copy.deepcopy(module)  # outside the scope
+    with strategy.scope():
+        clone.head = tf.Variable([3.0])  # a new layer of the copy
+    strategy.run(lambda: clone.opt.apply_gradients(
+        [(tf.constant([0.25, -0.5]), clone.w),
+         (tf.constant([1.0]), clone.head)]))
+    out["copy_w"] = clone.w.numpy().tolist()
+    out["copy_head"] = clone.head.numpy().tolist()
+    out["original_w"] = module.w.numpy().tolist()
     return out
 
 
@@ -847,3 +901,33 @@ def test_update_inside_a_tpu_program_uses_no_float64(mirrored_results):
     # float64 arguments of the core's update).
     rec = dh.check_record(mirrored_results["tpu-float64"])
     assert rec == {"float64": []}, rec
+
+
+def test_autocast_wrapper_of_a_mirrored_variable_and_a_copy_outside_scope(
+        mirrored_results):
+    # Under a strategy tf-keras wraps a mirrored variable in a subclass of
+    # AutoCastVariable: the wrapper and the variable it wraps got two sets
+    # of slots. A deep copy made outside the scope steps on under the
+    # strategy, a new variable of the copy included.
+    from reference import dense_step
+
+    rec = dh.check_record(mirrored_results["autocast-copy"])
+    assert rec["wrapper_class"] != "AutoCastVariable"  # the subclass case
+    g = [np.array([[0.5, -1.0], [2.0, 0.25]]),
+         np.array([[-0.25, 3.0], [1.0, -0.5]]),
+         np.array([[1.0, 1.0], [-2.0, 0.125]])]
+    w, m, u = np.ones((2, 2)), np.zeros((2, 2)), np.zeros((2, 2))
+    for t, gt in enumerate(g, 1):
+        w, m, u = dense_step(w, m, u, gt, 0.1, 0.9, 0.999, 1e-7, t)
+    np.testing.assert_allclose(rec["autocast_weights"], w, rtol=1e-6)
+    assert rec["autocast_state"] == 4  # iterations, rate, one m, one u
+    # Replicas each give the gradient: the sum is twice it.
+    g1, g2 = np.array([0.5, -1.0]), np.array([0.5, -1.0])
+    w, m, u = dense_step(np.array([1.0, 2.0]), 0, 0, g1, 0.1, 0.9, 0.999,
+                         1e-7, 1)
+    np.testing.assert_allclose(rec["original_w"], w, rtol=1e-6)
+    w, m, u = dense_step(w, m, u, g2, 0.1, 0.9, 0.999, 1e-7, 2)
+    np.testing.assert_allclose(rec["copy_w"], w, rtol=1e-6)
+    head, _, _ = dense_step(np.array([3.0]), 0, 0, np.array([2.0]), 0.1, 0.9,
+                            0.999, 1e-7, 2)
+    np.testing.assert_allclose(rec["copy_head"], head, rtol=1e-6)

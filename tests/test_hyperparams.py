@@ -810,3 +810,55 @@ def test_option_setters_refuse_what_the_constructor_refuses():
     with pytest.raises(TypeError, match="Cannot set weight_decay"):
         opt.weight_decay = 0.1
     assert opt.weight_decay is None and opt.get_config()["weight_decay"] is None
+
+
+def test_option_setters_normalise_and_warn_as_the_constructor():
+    opt = tf_adamax.Adamax(0.1, use_ema=True, ema_overwrite_frequency=3)
+    opt.ema_overwrite_frequency = 0  # "off", as the constructor reads it
+    assert opt.ema_overwrite_frequency is None
+    assert opt.get_config()["ema_overwrite_frequency"] is None
+    with pytest.warns(UserWarning, match="epsilon=0"):
+        opt.epsilon = 0.0
+
+
+def test_refused_and_accepted_variable_options_add_no_checkpoint_child():
+    # tf.Module tracked a tf.Variable set as an option as a checkpoint child
+    # before the setter ran, also one the setter refused.
+    var = tf.Variable([1.0, 2.0])
+    opt = tf_adamax.Adamax(0.1)
+    opt.apply_gradients([(tf.constant([0.5, -0.5]), var)])
+    children = sorted(opt._trackable_children())  # pylint: disable=protected-access
+    tf.function(lambda: opt.apply_gradients(
+        [(tf.constant([0.5, -0.5]), var)]))()
+    with pytest.raises(TypeError, match="Cannot set clipnorm"):
+        opt.clipnorm = tf.Variable(1.0)
+    opt2 = tf_adamax.Adamax(0.1)
+    opt2.weight_decay = tf.Variable(0.01)  # read at each step, not saved
+    assert sorted(opt._trackable_children()) == children  # pylint: disable=protected-access
+    assert "weight_decay" not in opt2._trackable_children()  # pylint: disable=protected-access
+    assert opt.clipnorm is None
+
+
+@pytest.mark.parametrize("name,values", [
+    ("weight_decay", (0.1, 0.2, 0.3)), ("clipnorm", (0.5, 0.25, 1.0)),
+    ("clipvalue", (0.3, 0.2, 0.1)), ("global_clipnorm", (0.4, 0.3, 2.0)),
+    ("loss_scale_factor", (2.0, 4.0, 8.0))])
+def test_setting_options_eagerly_does_not_recompile(name, values):
+    # Like the betas, a new value of a scalar option between eager steps is
+    # a run-time argument of the compiled update, not a new program.
+    from conftest import compiled_update_functions
+
+    var = tf.Variable(np.array([1.0, -2.0, 0.5]))
+    opt = tf_adamax.Adamax(0.1, **{name: values[0]})
+    ref = AdamaxReference(learning_rate=0.1, **{name: values[0]})
+    ref.add_variable("v", var.numpy())
+    for t, value in enumerate(values, start=1):
+        setattr(opt, name, value)
+        setattr(ref, name, value)
+        g = np.array([0.5, -1.0, 2.0]) * t
+        opt.apply_gradients([(tf.constant(g), var)])
+        ref.apply({"v": g})
+        np.testing.assert_allclose(var.numpy(), ref.w["v"], rtol=1e-12)
+    traces = [f.experimental_get_tracing_count()
+              for f in compiled_update_functions(opt)]
+    assert sum(traces) == 1, traces

@@ -29,7 +29,8 @@ def unwrap(var):
     model variable, with one set of slots (tf-keras keys both alike), and
     the update reads the float32 value, not the wrapper's cast.
     """
-    if type(var).__name__ == "AutoCastVariable":  # no tf_keras import
+    if any(c.__name__ == "AutoCastVariable"  # no tf_keras import (under a
+           for c in type(var).__mro__):      # strategy: a subclass of it)
         # From the instance's own attributes: on a distributed variable
         # (not this class) `getattr` would fall through to a value read.
         inner = vars(var).get("_variable")

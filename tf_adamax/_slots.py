@@ -25,10 +25,13 @@ from tf_adamax import _distribute
 
 def _forget(table_ref, key, _):
     """Weak-reference callback: the variable behind `key` is being freed
-    (its id cannot be reused before this runs)."""
+    (its id cannot be reused before this runs). Only queued (an atomic list
+    append: this runs in whichever thread's garbage collection freed it);
+    the table drops the entry at its next use (`_purge`), as
+    `weakref.WeakValueDictionary` handles its pending removals."""
     table = table_ref()
     if table is not None:
-        table._drop(key)  # pylint: disable=protected-access
+        table._dead.append(key)  # pylint: disable=protected-access
 
 
 class SlotTable:
@@ -41,35 +44,59 @@ class SlotTable:
     def __init__(self):
         self._slots = {}  # id(owner) -> {slot name: tf.Variable}
         self._owners = {}  # id(owner) -> weak reference to the owner
+        # id(owner) -> weak reference to the variable a deep copy of the
+        # table was made from: its slots go back to it if the copy of the
+        # variable is freed at once (the optimizer was copied without its
+        # model), before the table's first use.
+        self._originals = {}
         self._order = []  # slot variables in creation order
         self._deferred = {}  # (id(owner), slot name) -> [CheckpointPosition]
+        self._dead = []  # ids of freed owners not yet dropped
 
     def _key(self, var):
         """The table's key for `var` (`_distribute.key_owner`), watching the
         owner so that its entries leave with it."""
-        owner = _distribute.key_owner(var)
+        return self._watch(_distribute.key_owner(var))
+
+    def _watch(self, owner):
         key = id(owner)
         if key not in self._owners:
+            # `_forget` bound now: at interpreter exit, when the last
+            # variables are freed, module globals may already be None.
             self._owners[key] = weakref.ref(
-                owner, lambda ref, table=weakref.ref(self), key=key:
-                _forget(table, key, ref))
+                owner, lambda ref, table=weakref.ref(self), key=key,
+                forget=_forget: forget(table, key, ref))
         return key
+
+    def _purge(self):
+        """Drops the entries of freed variables (queued by `_forget`)."""
+        while self._dead:
+            self._drop(self._dead.pop())
+        # Only copies of variables freed before the table's first use
+        # (with the deep copy that made them) go back to their originals.
+        self._originals.clear()
 
     def _drop(self, key):
         slots = self._slots.pop(key, {})
         self._owners.pop(key, None)
+        original = self._originals.pop(key, lambda: None)()
         for name in [k for k in self._deferred if k[0] == key]:
             del self._deferred[name]
+        if slots and original is not None and id(original) not in self._slots:
+            self._slots[self._watch(original)] = slots
+            return
         if slots:
             dropped = {id(s) for s in slots.values()}
             self._order = [s for s in self._order if id(s) not in dropped]
 
     def get(self, var, name):
         """The slot or None."""
+        self._purge()
         key = id(_distribute.key_owner(var))
         return self._slots.get(key, {}).get(name)
 
     def has(self, var):
+        self._purge()
         return id(_distribute.key_owner(var)) in self._slots
 
     def create(self, strategy, var, name, dtype, copy=False):  # pylint: disable=redefined-outer-name
@@ -93,36 +120,54 @@ class SlotTable:
         return slot
 
     def defer(self, var, name, position):
+        self._purge()
         self._deferred.setdefault((self._key(var), name), []).append(position)
 
     @property
     def variables(self):
+        self._purge()
         return list(self._order)
 
     def slotted(self):
         """The (live) variables that have slots."""
-        return [self._owners[key]() for key in self._slots
-                if self._owners[key]() is not None]
+        self._purge()
+        owners = [ref() for ref in list(self._owners.values())]
+        return [o for o in owners if o is not None and id(o) in self._slots]
 
     # Copies (`copy.deepcopy` of the optimizer, or of a module holding it
     # and its model) and pickles carry the entries of live variables, each
-    # keyed by the copy of its variable; parked restores stay behind.
-    def __getstate__(self):
+    # keyed by the copy of its variable; parked restores stay behind. A deep
+    # copy of the optimizer alone makes copies of the variables that nothing
+    # else holds: their slots then go back to the variables they were
+    # copied from (`_originals`), so the copy steps on the same model with
+    # the copied state. (A pickle of the optimizer alone has no variables to
+    # go back to: its slots go with the unpickled copies, and the model's
+    # variables get new slots, as variables the optimizer has not seen.)
+    def _entries(self):
+        self._purge()
         entries = []
-        for key, slots in self._slots.items():
+        for key, slots in list(self._slots.items()):
             owner = self._owners[key]()
             if owner is not None:
-                entries.append((owner, slots))
-        return {"entries": entries, "order": self._order}
+                entries.append((owner, dict(slots)))
+        return entries
 
-    def __setstate__(self, state):
+    def __getstate__(self):
+        return {"entries": self._entries(), "order": list(self._order)}
+
+    def __setstate__(self, state, originals=()):
         self.__init__()
-        for owner, slots in state["entries"]:
-            self._slots[self._key(owner)] = dict(slots)
-        self._order = list(state["order"])
+        for i, (owner, slots) in enumerate(state["entries"]):
+            key = self._watch(owner)
+            self._slots[key] = slots
+            if i < len(originals) and originals[i] is not owner:
+                self._originals[key] = weakref.ref(originals[i])
+        self._order = state["order"]
 
     def __deepcopy__(self, memo):
         new = SlotTable.__new__(SlotTable)
         memo[id(self)] = new
-        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        state = self.__getstate__()
+        new.__setstate__(copy.deepcopy(state, memo),
+                         originals=[owner for owner, _ in state["entries"]])
         return new

@@ -20,6 +20,11 @@ class Untracked:
         self.__dict__.update(kwargs)
         self._shared = frozenset(shared)
 
+    def __copy__(self):
+        new = Untracked.__new__(Untracked)
+        new.__dict__.update(self.__dict__)
+        return new
+
     def __deepcopy__(self, memo):
         new = Untracked.__new__(Untracked)
         memo[id(self)] = new

@@ -7,9 +7,11 @@ list of variables); the strategy glue in `_distribute`.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import warnings
+import weakref
 
 from google.protobuf import wrappers_pb2
 
@@ -154,7 +156,7 @@ class Adamax(tf.Module):
             update=_new_update(jit_compile),
             warned_none=False,
             traced=False,  # a step was traced in a tf.function
-            exclude_ids=set(),
+            exclude_ids={},  # id(owner) -> weak reference to it
             new_averages=set(),  # var keys; see `add_slot`
             exclude_names=(),
             sharded_slots={},  # (shard keys, slot name) -> ShardedVariable
@@ -177,10 +179,21 @@ class Adamax(tf.Module):
         # compiled update (`Untracked`): this process's current strategy
         # and a new update; a deep copy shares both.
         self.__dict__.update(state)
+        # A shallow copy shares the holder: the original keeps its flag.
+        self._fns = copy.copy(self._fns)
         self._fns.traced = False
         if not hasattr(self._fns, "strategy"):
             self._fns.strategy = _distribute.current_strategy()
             self._fns.update = _new_update(self._jit_compile)
+
+    def __setattr__(self, name, value):
+        # A property (an option, the rate) is set through its setter only:
+        # tf.Module's `__setattr__` would first track a tf.Variable given to
+        # it as a checkpoint child, even one the setter then refuses.
+        if isinstance(getattr(type(self), name, None), property):
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     # ------------------------------------------------------------------
     # Hyperparameters
@@ -391,13 +404,16 @@ class Adamax(tf.Module):
         Call before the first step, as in Keras.
         """
         for v in _distribute.expand(var_list or ()):
-            self._fns.exclude_ids.add(_distribute.var_key(v))
+            # Weakly: an excluded variable is freed with its model.
+            owner = _distribute.key_owner(v)
+            self._fns.exclude_ids[id(owner)] = weakref.ref(owner)
         self._fns.exclude_names = tuple(var_names or ())
 
     def _decays(self, var):
         if self._config.weight_decay is None:
             return False
-        if _distribute.var_key(var) in self._fns.exclude_ids:
+        owner = _distribute.key_owner(var)
+        if self._fns.exclude_ids.get(id(owner), lambda: None)() is owner:
             return False
         name = _distribute.name(var)
         return not any(re.search(n, name) for n in self._fns.exclude_names)
@@ -788,15 +804,18 @@ class Adamax(tf.Module):
         return self._counter()
 
     def _run_time_config(self):
-        """The step's config with `beta_1`, `beta_2` and `epsilon` as tensor
+        """The step's config with its scalar options (`beta_1`, `beta_2`,
+        `epsilon`, and those of `_RUN_TIME_OPTIONS` that are set) as tensor
         arguments of the update (`_hyper.run_time_scalar`, as the adapters
         pass them): as Python floats they are trace keys, and each value set
-        in an eager loop (a beta warm-up) compiled the update anew, its
-        program never freed."""
+        in an eager loop (a beta warm-up, a decay changed by hand) compiled
+        the update anew, its program never freed. (None or a value changes
+        what the update does: that is traced once each.)"""
         config = self._config
         return config._replace(**{
             name: _hyper.run_time_scalar(getattr(config, name))
-            for name in ("beta_1", "beta_2", "epsilon")})
+            for name in _RUN_TIME_OPTIONS
+            if getattr(config, name) is not None})
 
     def minimize(self, loss, var_list, tape=None):
         """Computes gradients of `loss` and applies them.
@@ -963,6 +982,12 @@ _LR_NOW = "tf_adamax_learning_rate_when_saved"
 
 
 _private.register_for_saved_model(Adamax)
+
+
+# The step options the compiled update reads as tensor arguments.
+_RUN_TIME_OPTIONS = ("beta_1", "beta_2", "epsilon", "weight_decay",
+                     "clipnorm", "clipvalue", "global_clipnorm",
+                     "loss_scale_factor", "ema_momentum")
 
 
 def _new_update(jit_compile):
