@@ -18,50 +18,13 @@ from tf_adamax import _math
 from tf_adamax._untracked import Untracked
 
 
-# Valid values of the options `_hyper.check_adamax` checks together, for
-# checking one of them on its own.
-_ADAMAX_OPTIONS = dict(beta_1=0.9, beta_2=0.999, epsilon=1e-7,
-                       sparse_mode="exact")
-# The options `_hyper.check_update_options` checks besides the rate (in its
-# argument order).
-_UPDATE_OPTIONS = ("weight_decay", "clipnorm", "clipvalue", "global_clipnorm")
-
-
-def _checked_adamax_option(optimizer, name, value):
-    """`value` for `name`, refused as the constructor refuses it (a changed
-    epsilon of 0 warns, as the constructor's argument does)."""
-    _hyper.check_adamax(**dict(_ADAMAX_OPTIONS, **{name: value}),
-                        warn=name in vars(optimizer))
-    return value
-
-
-def _checked_update_option(optimizer, name, value):
-    """`value` for `name`, checked with the other options' current values as
-    the constructor checks them (at most one clip); a zero clip is None."""
-    options = {n: vars(optimizer).get(n) for n in _UPDATE_OPTIONS}
-    options[name] = value
-    # The rate has its own property: a valid stand-in here.
-    clips = _hyper.check_update_options(learning_rate=0.0, **options)
-    return dict(zip(_UPDATE_OPTIONS[1:], clips)).get(name, value)
-
-
-def _checked_keras_option(optimizer, name, value):
-    """`value` for `name` (an EMA or loss-scale option), checked as the
-    constructor checks it; a zero overwrite frequency is None."""
-    del optimizer  # each is checked on its own
-    options = dict(ema_momentum=0.99, ema_overwrite_frequency=None,
-                   loss_scale_factor=None)
-    options[name] = value
-    frequency, _ = _hyper.check_keras_options(**options)
-    return frequency if name == "ema_overwrite_frequency" else value
-
-
-def _checked(name, check):
-    """A property `name` that `check(optimizer, name, value)` validates on
-    every assignment (Keras's own in its constructor included), so that a
-    refused value leaves the old one. The value is kept in the instance
-    `__dict__` under `name`, which the property shadows: Keras's attribute
-    tracking sees the assignment as before."""
+def _checked(name):
+    """A property `name` that `_hyper.check_option` validates on every
+    assignment (Keras's own in its constructor included), so that a refused
+    value leaves the old one. The value is kept in the instance `__dict__`
+    under `name`, which the property shadows: Keras's attribute tracking
+    sees the assignment as before. (An `epsilon` of 0 warns when it
+    changes one, as the constructor's argument warns.)"""
 
     def get(self):
         try:
@@ -70,7 +33,8 @@ def _checked(name, check):
             raise AttributeError(name) from None
 
     def set(self, value):
-        vars(self)[name] = check(self, name, value)
+        vars(self)[name] = _hyper.check_option(
+            name, value, vars(self), warn=name in vars(self))
 
     return property(get, set)
 
@@ -97,18 +61,17 @@ class KernelUpdates:
 
     # Assignments are checked as the constructor's arguments are: the
     # adapters refuse the same values after construction.
-    beta_1 = _checked("beta_1", _checked_adamax_option)
-    beta_2 = _checked("beta_2", _checked_adamax_option)
-    epsilon = _checked("epsilon", _checked_adamax_option)
-    sparse_mode = _checked("sparse_mode", _checked_adamax_option)
-    weight_decay = _checked("weight_decay", _checked_update_option)
-    clipnorm = _checked("clipnorm", _checked_update_option)
-    clipvalue = _checked("clipvalue", _checked_update_option)
-    global_clipnorm = _checked("global_clipnorm", _checked_update_option)
-    ema_momentum = _checked("ema_momentum", _checked_keras_option)
-    ema_overwrite_frequency = _checked("ema_overwrite_frequency",
-                                       _checked_keras_option)
-    loss_scale_factor = _checked("loss_scale_factor", _checked_keras_option)
+    beta_1 = _checked("beta_1")
+    beta_2 = _checked("beta_2")
+    epsilon = _checked("epsilon")
+    sparse_mode = _checked("sparse_mode")
+    weight_decay = _checked("weight_decay")
+    clipnorm = _checked("clipnorm")
+    clipvalue = _checked("clipvalue")
+    global_clipnorm = _checked("global_clipnorm")
+    ema_momentum = _checked("ema_momentum")
+    ema_overwrite_frequency = _checked("ema_overwrite_frequency")
+    loss_scale_factor = _checked("loss_scale_factor")
 
     @property
     def learning_rate(self):

@@ -165,6 +165,37 @@ def check_update_options(learning_rate, weight_decay, clipnorm, clipvalue,
                                  global_clipnorm)
 
 
+# Valid values of every option a front end lets you set after
+# construction, standing in for those `check_option` is not given.
+_OPTION_DEFAULTS = dict(
+    beta_1=0.9, beta_2=0.999, epsilon=1e-7, sparse_mode="exact",
+    weight_decay=None, clipnorm=None, clipvalue=None, global_clipnorm=None,
+    ema_momentum=0.99, ema_overwrite_frequency=None, loss_scale_factor=None)
+
+
+def check_option(name, value, current, warn=True):
+    """A new `value` for option `name`, set after construction (core and
+    adapters alike): checked as the constructor checks it, together with
+    the options it interacts with (`current`, a mapping of the other
+    options' values: at most one clip), and returned as the constructor
+    keeps it (a zero clip or overwrite frequency is None). `warn`: whether
+    an `epsilon` of 0 warns."""
+    options = dict(_OPTION_DEFAULTS)
+    options.update((k, v) for k, v in current.items() if k in options)
+    options[name] = value
+    check_adamax(options["beta_1"], options["beta_2"], options["epsilon"],
+                 options["sparse_mode"], warn=warn and name == "epsilon")
+    clipnorm, clipvalue, global_clipnorm = check_decay_and_clips(
+        options["weight_decay"], options["clipnorm"], options["clipvalue"],
+        options["global_clipnorm"])
+    frequency, _ = check_keras_options(
+        options["ema_momentum"], options["ema_overwrite_frequency"],
+        options["loss_scale_factor"])
+    return dict(clipnorm=clipnorm, clipvalue=clipvalue,
+                global_clipnorm=global_clipnorm,
+                ema_overwrite_frequency=frequency).get(name, value)
+
+
 def check_decay_and_clips(weight_decay, clipnorm, clipvalue, global_clipnorm):
     """`check_update_options` but for the rate (for a change of one of
     these options after construction)."""

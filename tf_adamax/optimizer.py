@@ -315,25 +315,14 @@ class Adamax(tf.Module):
         return self._fns.strategy
 
     def _set_option(self, name, value):
-        """Sets a step option (`_SETTABLE`), validated as the constructor
-        validates it; eagerly, or before any tf.function applied a step (a
+        """Sets a settable step option (see `_option`), validated as the
+        constructor validates it (`_hyper.check_option`); eagerly, or before any tf.function applied a step (a
         traced step keeps the value it was traced with). A refused value
         leaves the old one."""
-        value = _distribute.unwrap(value)
+        value = _hyper.check_option(name, _distribute.unwrap(value),
+                                    self._config._asdict())
         config = self._config._replace(**{name: value})
-        _hyper.check_adamax(config.beta_1, config.beta_2, config.epsilon,
-                            config.sparse_mode, warn=name == "epsilon")
-        clipnorm, clipvalue, global_clipnorm = _hyper.check_decay_and_clips(
-            config.weight_decay, config.clipnorm, config.clipvalue,
-            config.global_clipnorm)
-        ema_overwrite_frequency, _ = _hyper.check_keras_options(
-            config.ema_momentum, config.ema_overwrite_frequency,
-            config.loss_scale_factor)
-        config = config._replace(
-            clipnorm=clipnorm, clipvalue=clipvalue,
-            global_clipnorm=global_clipnorm,
-            ema_overwrite_frequency=ema_overwrite_frequency)
-        current, value = getattr(self._config, name), getattr(config, name)
+        current = getattr(self._config, name)
         same = value is current or (
             isinstance(value, (int, float)) and isinstance(current, (int, float))
             and value == current)
