@@ -11,7 +11,6 @@ import copy
 import json
 import re
 import warnings
-import weakref
 
 from google.protobuf import wrappers_pb2
 
@@ -156,7 +155,8 @@ class Adamax(tf.Module):
             update=_new_update(jit_compile),
             warned_none=False,
             traced=False,  # a step was traced in a tf.function
-            exclude_ids={},  # id(owner) -> weak reference to it
+            # Weakly: an excluded variable is freed with its model.
+            excluded=_slots.ExcludedVariables(),
             new_averages=set(),  # var keys; see `add_slot`
             exclude_names=(),
             sharded_slots={},  # (shard keys, slot name) -> ShardedVariable
@@ -393,16 +393,13 @@ class Adamax(tf.Module):
         Call before the first step, as in Keras.
         """
         for v in _distribute.expand(var_list or ()):
-            # Weakly: an excluded variable is freed with its model.
-            owner = _distribute.key_owner(v)
-            self._fns.exclude_ids[id(owner)] = weakref.ref(owner)
+            self._fns.excluded.add(v)
         self._fns.exclude_names = tuple(var_names or ())
 
     def _decays(self, var):
         if self._config.weight_decay is None:
             return False
-        owner = _distribute.key_owner(var)
-        if self._fns.exclude_ids.get(id(owner), lambda: None)() is owner:
+        if var in self._fns.excluded:
             return False
         name = _distribute.name(var)
         return not any(re.search(n, name) for n in self._fns.exclude_names)
