@@ -56,6 +56,14 @@ def _lr_form(form):
                       beta_2=tf.constant(0.99), epsilon=tf.constant(1e-3))
         ref_kw = {k: _f32(v.numpy()) for k, v in opt_kw.items()}
         return opt_kw, ref_kw, None
+    if form == "numpy":
+        # 0-d arrays (what `np.array(x)` and `array.mean()` give) and NumPy
+        # scalars: 0-d arrays were refused ("Expected a float").
+        opt_kw = dict(learning_rate=np.array(0.02), beta_1=np.array(0.8),
+                      beta_2=np.float32(0.99), epsilon=np.array(1e-3),
+                      weight_decay=np.array(0.1), clipnorm=np.array(2.0),
+                      loss_scale_factor=np.float64(4.0))
+        return opt_kw, {k: float(v) for k, v in opt_kw.items()}, None
     raise AssertionError(form)
 
 
@@ -72,7 +80,7 @@ def _setup(mode, opt_kw, ref_kw, rng):
 
 @pytest.mark.parametrize("mode", ("function", "jit"))
 @pytest.mark.parametrize("form", ("float", "keras3_schedule", "tf_keras_schedule",
-                                  "callable", "tensors"))
+                                  "callable", "tensors", "numpy"))
 def test_learning_rate_and_hyperparameter_forms(form, mode, rng):
     opt_kw, ref_kw, hook = _lr_form(form)
     variables, opt, step, ref = _setup(mode, opt_kw, ref_kw, rng)
@@ -197,6 +205,28 @@ def test_only_one_clip_option_as_in_keras3(front, clips):
         cls(**clips)
     with pytest.raises(ValueError):  # and Keras 3's own optimizer agrees
         keras.optimizers.Adamax(**clips)
+
+
+@pytest.mark.parametrize("front", ("core", "keras3", "tf_keras"))
+def test_numpy_scalars_are_accepted_as_floats(front):
+    # A 0-d NumPy array given to the constructor or set later was refused
+    # ("Expected a float or a scalar tensor"); it steps as the float does.
+    import tf_adamax.keras
+    import tf_adamax.tf_keras
+
+    cls = {"core": tf_adamax.Adamax, "keras3": tf_adamax.keras.Adamax,
+           "tf_keras": tf_adamax.tf_keras.Adamax}[front]
+    values = dict(beta_1=0.8, epsilon=1e-3, weight_decay=0.1, clipnorm=2.0)
+    results = []
+    for convert in (float, np.array):
+        opt = cls(0.05, **{k: convert(v) for k, v in values.items()})
+        var = tf.Variable([1.0, -2.0, 3.0])
+        opt.apply_gradients([(tf.constant([0.5, -4.0, 0.0]), var)])
+        opt.beta_2 = convert(0.9)
+        opt.ema_momentum = convert(0.5)
+        opt.apply_gradients([(tf.constant([-1.0, 1.0, 2.0]), var)])
+        results.append(var.numpy())
+    np.testing.assert_array_equal(results[1], results[0])
 
 
 @pytest.mark.parametrize("mode", ("eager", "jit"))

@@ -19,9 +19,18 @@ import tensorflow as tf
 SPARSE_MODES = ("exact", "lazy")
 
 
+def _is_number(value):
+    """A Python or NumPy real number, or a 0-d NumPy array of one (what
+    `np.float32(x)`, `np.array(x)` and `array.mean()` give)."""
+    if isinstance(value, np.ndarray):
+        return value.ndim == 0 and value.dtype.kind in "fiu"
+    return isinstance(value, numbers.Real) and not isinstance(
+        value, (bool, np.bool_))
+
+
 def _constant_value(value):
     """The Python/NumPy value of a float or a constant scalar tensor, else None."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+    if _is_number(value):
         return float(value)
     if isinstance(value, tf.Variable):
         return None  # its value can change later: trusted as given
@@ -33,7 +42,7 @@ def _constant_value(value):
 
 
 def _is_scalar_like(value):
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+    if _is_number(value):
         return True
     if tf.is_tensor(value) or isinstance(value, tf.Variable):
         return value.shape.rank == 0
@@ -283,8 +292,8 @@ def run_time_scalar(value):
     neither retraces it nor is frozen in a trace. Python numbers become
     float64, which the kernels round once to the variable's dtype, as they
     round a Python float."""
-    if isinstance(value, (int, float)):
-        return tf.constant(value, tf.float64)
+    if _is_number(value):
+        return tf.constant(float(value), tf.float64)
     return tf.convert_to_tensor(value)
 
 
