@@ -450,6 +450,7 @@ def test_saved_model_revives_the_optimizer_config(tmp_path, case):
     lost = [w for w in caught if "learning rate cannot be restored"
             in str(w.message)]
     assert len(lost) == (case in LOST_LEARNING_RATE)
+    assert all(w.filename == __file__ for w in lost)  # the user's line
     assert isinstance(loaded.opt, tf_adamax.Adamax)
     assert loaded.opt._saved_config() == module.opt._saved_config()
     assert loaded.opt.get_slot_names() == module.opt.get_slot_names()

@@ -464,6 +464,65 @@ def test_sparse_dense_shape_mismatch_names_variable(mode, sparse_mode):
     assert_same_state(before, snapshot(opt, [a, b, emb]))
 
 
+@pytest.mark.parametrize("sparse_mode", ("exact", "lazy"))
+@pytest.mark.parametrize("jit", (False, True))
+def test_sparse_indices_of_unknown_rank(jit, sparse_mode):
+    # Indices traced with an unknown rank: a vector at run time is a normal
+    # step (the lazy kernel failed to trace); a matrix raises naming the
+    # variable before anything changes (TF's concat error, naming nothing,
+    # came from inside the update, and the counter had advanced).
+    rng = np.random.default_rng(5)
+    init = rng.standard_normal((ROWS, 3)).astype(np.float32)
+    emb = tf.Variable(init, name="table_e")
+    opt = tf_adamax.Adamax(0.1, jit_compile=jit, sparse_mode=sparse_mode)
+    step = tf.function(
+        lambda values, idx: opt.apply_gradients([(tf.IndexedSlices(
+            values, idx, tf.constant([ROWS, 3], tf.int64)), emb)]),
+        input_signature=[tf.TensorSpec(None, tf.float32),
+                         tf.TensorSpec(None, tf.int64)])
+    values = np.array([[1.0, -2.0, 0.5], [-1.0, 2.0, 0.25], [3.0, 0.0, 1.0]],
+                      np.float32)
+    indices = np.array([4, 4, 1])  # a duplicate of opposite signs
+    ref = AdamaxReference(learning_rate=0.1, sparse_mode=sparse_mode)
+    ref.add_variable("e", init, np.float32)
+    step(tf.constant(values), tf.constant(indices))
+    ref.apply({"e": SparseGrad(indices, values)})
+    check_against_reference(opt, [emb], ref, ["e"])
+    before = snapshot(opt, [emb])
+    with pytest.raises(tf.errors.InvalidArgumentError, match=_mentions(
+            "table_e", "expected a vector")):
+        step(tf.constant(values[:2]), tf.constant([[1], [2]], tf.int64))
+    assert_same_state(before, snapshot(opt, [emb]))
+
+
+def test_gradients_given_as_lists():
+    # A nested list is a gradient, as for tf.convert_to_tensor and Keras's
+    # own optimizers (AttributeError: 'list' object has no attribute
+    # 'dtype'); one that is no tensor names its variable.
+    var = tf.Variable([[1.0, 2.0], [3.0, 4.0]], name="w_list")
+    opt = tf_adamax.Adamax(0.1, jit_compile=False)
+    opt.apply_gradients([([[0.5, -0.5], [1.0, 0.0]], var)])
+    expected = AdamaxReference(learning_rate=0.1)
+    expected.add_variable("w", [[1.0, 2.0], [3.0, 4.0]], np.float32)
+    expected.apply({"w": np.array([[0.5, -0.5], [1.0, 0.0]])})
+    check_against_reference(opt, [var], expected, ["w"])
+    before = snapshot(opt, [var])
+    with pytest.raises(ValueError, match=_mentions("w_list", "tf.Tensor")):
+        opt.apply_gradients([([[0.5], [1.0, 0.0]], var)])
+    assert_same_state(before, snapshot(opt, [var]))
+
+
+def test_a_value_without_a_gradient_names_the_fix():
+    # A None gradient paired with a value, not a variable: the check of a
+    # skipped pair failed with AttributeError (Tensor.name).
+    var = tf.Variable([1.0, 2.0], name="w")
+    opt = tf_adamax.Adamax()
+    with pytest.raises(TypeError, match=_mentions(
+            "Expected a tf.Variable", "model.trainable_variables")):
+        opt.apply_gradients([(None, tf.constant([1.0])), (tf.ones([2]), var)])
+    assert int(opt.iterations) == 0 and opt.variables[2:] == []
+
+
 def test_sparse_dense_shape_known_at_run_time_is_checked():
     opt, (a, b, emb) = _trained("eager")
     before = snapshot(opt, [emb])
@@ -575,6 +634,42 @@ def test_out_of_range_with_compiled_optimizer_called_eagerly(sparse_mode):
     else:
         _expect_dropped(opt, emb, emb_before, slots_before, indices, values, ROWS,
                         sparse_mode)
+
+
+def _warned_at(fn, match):
+    """The files that warnings matching `match` raised by `fn` point at."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    files = [w.filename for w in caught if re.search(match, str(w.message))]
+    assert files, f"no warning matching {match!r}"
+    return set(files)
+
+
+@pytest.mark.parametrize("front", ("core", "keras3", "tf_keras"))
+def test_warnings_point_at_the_users_line(front):
+    # A fixed stacklevel pointed into tf_adamax, Keras or TensorFlow when a
+    # warning came through a property setter, Keras or a tf.function.
+    cls = _front(front)
+    assert _warned_at(lambda: cls(epsilon=0.0), "epsilon=0") == {__file__}
+    opt = cls(0.1)
+
+    def set_epsilon():
+        opt.epsilon = 0.0
+
+    assert _warned_at(set_epsilon, "epsilon=0") == {__file__}
+    if front != "core":
+        return
+    var, unused = tf.Variable([1.0]), tf.Variable([2.0])
+    for jit in (False, True):
+        opt = tf_adamax.Adamax(0.1, jit_compile=jit)
+        assert _warned_at(lambda: opt.apply_gradients(
+            [(tf.ones([1]), var), (None, unused)]), "Gradients do not") == {
+                __file__}
+        opt = tf_adamax.Adamax(0.1, jit_compile=jit)
+        step = tf.function(lambda: opt.apply_gradients(
+            [(tf.ones([1]), var), (None, unused)]))
+        assert _warned_at(step, "Gradients do not") == {__file__}
 
 
 # --------------------------------------------------------------------------

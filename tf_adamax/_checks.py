@@ -22,14 +22,22 @@ def check_variable(var):
             f"Variable {var.name!r} is a ShardedVariable: pass one gradient "
             "per shard, e.g. zip(tape.gradient(loss, var.variables), "
             "var.variables). Its slots are sharded like it.")
-    var = _distribute.unwrap(var)
-    if not hasattr(var, "dtype") or not hasattr(var, "assign"):
-        raise TypeError(
-            f"Expected a tf.Variable to update, got {type(var).__name__}: "
-            f"{var!r}. Pass the variables themselves (e.g. "
-            "model.trainable_variables), not their values.")
-    check_float(var)
+    check_skippable(var)
     check_shape_known(var)
+
+
+def check_skippable(var):
+    """The checks of a variable whose gradient is None (skipped): raises
+    TypeError, naming it, for what is not a float variable."""
+    unwrapped = _distribute.unwrap(var)
+    if not _private.is_sharded(var) and (
+            not hasattr(unwrapped, "dtype")
+            or not hasattr(unwrapped, "assign")):
+        raise TypeError(
+            f"Expected a tf.Variable to update, got "
+            f"{type(unwrapped).__name__}: {unwrapped!r}. Pass the variables "
+            "themselves (e.g. model.trainable_variables), not their values.")
+    check_float(unwrapped)
 
 
 def check_shape_known(var):
@@ -55,23 +63,54 @@ def check_float(var):
             "optimizer).")
 
 
-def tensor_slices(grad):
+def tensor_slices(grad, var=None):
     """`grad` with tensor parts, if it is an IndexedSlices built by hand
     from NumPy arrays or lists (as `tf.convert_to_tensor` and the Keras
-    optimizers accept it), or the value of a Keras 3 variable passed as a
-    gradient (as Keras's own optimizers accept it); any other gradient as
-    is."""
+    optimizers accept it), a NumPy array, a (nested) list or a number, or
+    the value of a Keras 3 variable passed as a gradient (as Keras's own
+    optimizers accept all of them); any other gradient (None too) as is.
+    What cannot
+    be converted raises, naming `var` when given."""
     if isinstance(getattr(grad, "value", None), tf.Variable) and \
             not isinstance(grad, tf.Variable):
         return tf.convert_to_tensor(grad)
-    shape = grad.dense_shape if isinstance(grad, tf.IndexedSlices) else None
-    if not isinstance(grad, tf.IndexedSlices) or (
-            tf.is_tensor(grad.values) and tf.is_tensor(grad.indices)
+    if not (grad is None or tf.is_tensor(grad) or isinstance(
+            grad, (tf.IndexedSlices, tf.SparseTensor, tf.Variable))):
+        try:
+            return tf.convert_to_tensor(grad)
+        except (TypeError, ValueError) as e:
+            of = "" if var is None else \
+                f" for variable {_distribute.name(var)!r}"
+            raise type(e)(
+                f"Gradient{of} is a {type(grad).__name__} that is not a "
+                f"tensor and cannot be made one ({e}). Pass a tf.Tensor, a "
+                "NumPy array or a nested list of the variable's shape, or "
+                "a tf.IndexedSlices.") from e
+    if not isinstance(grad, tf.IndexedSlices):
+        return grad
+    shape = grad.dense_shape
+    indices = _vector(tf.convert_to_tensor(grad.indices), var)
+    if (tf.is_tensor(grad.values) and indices is grad.indices
             and (shape is None or tf.is_tensor(shape))):
         return grad
     return tf.IndexedSlices(
-        tf.convert_to_tensor(grad.values), tf.convert_to_tensor(grad.indices),
+        tf.convert_to_tensor(grad.values), indices,
         None if shape is None else tf.convert_to_tensor(shape))
+
+
+def _vector(indices, var):
+    """Indices of unknown rank (a `tf.function` traced with an unknown
+    shape) as a vector, once an assert has checked that they are one: the
+    kernels need it while tracing, and a matrix would otherwise meet the
+    updates as an error naming no variable (or none, flattened)."""
+    if indices.shape.rank is not None:
+        return indices
+    of = "" if var is None else f" for variable {_distribute.name(var)!r}"
+    rank_ok = tf.debugging.Assert(tf.equal(tf.rank(indices), 1), [
+        f"IndexedSlices gradient{of} has indices of shape",
+        tf.shape(indices), "; expected a vector of row indices."])
+    with tf.control_dependencies([rank_ok]):
+        return tf.reshape(indices, [-1])
 
 
 def with_dense_shape(grads, variables):

@@ -11,6 +11,8 @@ import difflib
 import importlib
 import math
 import numbers
+import os
+import sys
 import warnings
 
 import numpy as np
@@ -128,11 +130,35 @@ def check_adamax(beta_1, beta_2, epsilon, sparse_mode, warn=True):
     if warn and _constant_value(epsilon) == 0:
         # Allowed, as in Keras (with nonzero gradients it is the textbook
         # update), but an all-zero gradient entry gives 0 / 0.
-        warnings.warn(
+        warn_user(
             "epsilon=0: a weight whose gradients have all been zero so far "
             "(a row an exact sparse step does not name, a dead unit) gets "
             "0 / 0 = NaN. Use a small positive epsilon such as 1e-7 unless "
-            "every gradient entry is nonzero.", UserWarning, stacklevel=3)
+            "every gradient entry is nonzero.")
+
+
+# Where a warning is not the user's code: this package, TensorFlow (and the
+# code AutoGraph generates from a user's function: the warning goes to the
+# line calling that function), Keras 3 and tf-keras.
+_SITE = os.path.dirname(os.path.dirname(tf.__file__))
+_LIBRARY_PREFIXES = (os.path.dirname(__file__) + os.sep,) + tuple(
+    os.path.join(_SITE, name) + os.sep
+    for name in ("tensorflow", "keras", "tf_keras"))
+
+
+def _is_library(filename):
+    return (filename.startswith(_LIBRARY_PREFIXES)
+            or "__autograph_generated_file" in filename)
+
+
+def warn_user(message, category=UserWarning):
+    """`warnings.warn` at the user's line: the first caller outside this
+    package, TensorFlow and Keras (a fixed `stacklevel` pointed into them
+    when the warning came through a property, Keras or a `tf.function`)."""
+    frame, level = sys._getframe(1), 2  # pylint: disable=protected-access
+    while frame is not None and _is_library(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def check_keras_options(ema_momentum, ema_overwrite_frequency,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import warnings
 
 from google.protobuf import wrappers_pb2
 
@@ -691,17 +690,17 @@ class Adamax(tf.Module):
             if g is None:
                 # tape.gradient gives None for an integer variable, which
                 # would otherwise be skipped unnoticed.
-                _checks.check_float(v)
+                _checks.check_skippable(v)
                 skipped.append(_distribute.name(v))
                 continue
-            grads.append(_checks.tensor_slices(g))
+            grads.append(_checks.tensor_slices(g, v))
             variables.append(v)
         if skipped and not self._fns.warned_none:
             self._fns.warned_none = True
-            warnings.warn(
+            _hyper.warn_user(
                 f"Gradients do not exist for variables {skipped} when "
                 "applying Adamax; they are skipped. Check that the loss "
-                "depends on them.", UserWarning, stacklevel=3)
+                "depends on them.")
         if not grads:
             raise ValueError(
                 "No gradients provided for any variable"
@@ -949,13 +948,12 @@ class Adamax(tf.Module):
                 reason = f"{type(e).__name__}: {e}"
         # 7 significant digits: a float32 rate of 0.3 reads 0.3.
         shown = f"{lr_now:.7g}" if isinstance(lr_now, float) else lr_now
-        warnings.warn(
+        _hyper.warn_user(
             "The SavedModel's Adamax learning rate cannot be restored ("
             f"{reason}); the loaded optimizer uses {shown}, its value when "
             "saved, and the SavedModel's functions the rate they were traced "
             "with. To train on with another rate, restore a checkpoint of "
-            "the model and optimizer into a new optimizer.",
-            UserWarning, stacklevel=2)
+            "the model and optimizer into a new optimizer.")
         # A callable, like the saved optimizer's: no learning-rate variable,
         # so the saved state matches the revived one.
         config["learning_rate"] = lambda: lr_now
