@@ -872,15 +872,17 @@ def test_refused_and_accepted_variable_options_add_no_checkpoint_child():
 @pytest.mark.parametrize("name,values", [
     ("weight_decay", (0.1, 0.2, 0.3)), ("clipnorm", (0.5, 0.25, 1.0)),
     ("clipvalue", (0.3, 0.2, 0.1)), ("global_clipnorm", (0.4, 0.3, 2.0)),
-    ("loss_scale_factor", (2.0, 4.0, 8.0))])
+    ("loss_scale_factor", (2.0, 4.0, 8.0)),
+    ("ema_momentum", (0.5, 0.9, 0.7))])
 def test_setting_options_eagerly_does_not_recompile(name, values):
     # Like the betas, a new value of a scalar option between eager steps is
     # a run-time argument of the compiled update, not a new program.
     from conftest import compiled_update_functions
 
     var = tf.Variable(np.array([1.0, -2.0, 0.5]))
-    opt = tf_adamax.Adamax(0.1, **{name: values[0]})
-    ref = AdamaxReference(learning_rate=0.1, **{name: values[0]})
+    ema = dict(use_ema=True) if name == "ema_momentum" else {}
+    opt = tf_adamax.Adamax(0.1, **{name: values[0]}, **ema)
+    ref = AdamaxReference(learning_rate=0.1, **{name: values[0]}, **ema)
     ref.add_variable("v", var.numpy())
     for t, value in enumerate(values, start=1):
         setattr(opt, name, value)
@@ -889,6 +891,9 @@ def test_setting_options_eagerly_does_not_recompile(name, values):
         opt.apply_gradients([(tf.constant(g), var)])
         ref.apply({"v": g})
         np.testing.assert_allclose(var.numpy(), ref.w["v"], rtol=1e-12)
+        if ema:
+            np.testing.assert_allclose(opt.get_slot(var, "average").numpy(),
+                                       ref.average["v"], rtol=1e-12)
     traces = [f.experimental_get_tracing_count()
               for f in compiled_update_functions(opt)]
     assert sum(traces) == 1, traces
