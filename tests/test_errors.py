@@ -495,6 +495,31 @@ def test_sparse_indices_of_unknown_rank(jit, sparse_mode):
     assert_same_state(before, snapshot(opt, [emb]))
 
 
+@pytest.mark.parametrize("sparse_mode", ("exact", "lazy"))
+@pytest.mark.parametrize("front", ("keras3", "tf_keras"))
+def test_adapters_take_sparse_indices_of_unknown_rank(front, sparse_mode):
+    # As the core (above): the step of the core's numbers, and a matrix
+    # refused before anything changes.
+    results = []
+    for cls in (tf_adamax.Adamax, _front(front)):  # the adapter's last
+        var = tf.Variable(np.arange(12.0, dtype=np.float32).reshape(4, 3))
+        opt = cls(0.1, sparse_mode=sparse_mode)
+        step = tf.function(
+            lambda values, idx, opt=opt, var=var: opt.apply_gradients([(
+                tf.IndexedSlices(values, idx, tf.constant([4, 3])), var)]),
+            input_signature=[tf.TensorSpec(None, tf.float32),
+                             tf.TensorSpec(None, tf.int32)])
+        step(tf.constant([[1.0, -2.0, 0.5], [-1.0, 2.0, 0.5],
+                          [3.0, 0.0, 1.0]]), tf.constant([2, 2, 0]))
+        results.append(var.numpy())
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-6)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="expected a vector"):
+        step(tf.ones((2, 3)), tf.constant([[1], [2]]))
+    np.testing.assert_array_equal(var.numpy(), results[1])
+    assert int(opt.iterations) == 1
+
+
 def test_gradients_given_as_lists():
     # A nested list is a gradient, as for tf.convert_to_tensor and Keras's
     # own optimizers (AttributeError: 'list' object has no attribute
