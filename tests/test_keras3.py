@@ -370,6 +370,24 @@ def test_keras_file_round_trip_restores_optimizer_state(tmp_path):
         np.testing.assert_allclose(va.numpy(), vb.numpy(), atol=1e-7)
 
 
+def test_refused_variable_option_keeps_the_saved_state_loadable(tmp_path):
+    # A refused Keras variable stayed in the optimizer's variables: the
+    # saved model then held one more optimizer variable than the loaded
+    # optimizer has, and Keras skipped loading all of them ("Skipping
+    # variable loading for optimizer"; iterations and slots started afresh).
+    model, _ = fit_dense(Adamax(0.01), n=16)
+    opt = model.optimizer
+    with pytest.raises(ValueError, match="epsilon"):
+        opt.epsilon = keras.Variable([1e-7, 1e-7])
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    restored = keras.saving.load_model(path).optimizer
+    assert int(restored.iterations.numpy()) == int(opt.iterations.numpy()) == 4
+    assert len(restored.variables) == len(opt.variables)
+    for va, vb in zip(opt.variables, restored.variables):
+        np.testing.assert_array_equal(va.numpy(), vb.numpy())
+
+
 def test_loads_keras_builtin_adamax_state(tmp_path):
     """Same slot order as keras.optimizers.Adamax: its weights load here."""
     model, _ = fit_dense(keras.optimizers.Adamax(0.01), n=16)

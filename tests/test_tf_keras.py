@@ -709,6 +709,71 @@ def test_jit_compile_set_after_construction_is_used_and_saved():
         np.testing.assert_allclose(ours, builtin, rtol=1e-6, atol=1e-7)
 
 
+def per_variable_xla_traces(opt):
+    """Traces of tf-keras's per-variable update compiled with XLA for `opt`
+    (its `_update_step_xla`, a `tf.function(jit_compile=True)`)."""
+    compiled = tf_keras.optimizers.Optimizer._update_step_xla.__get__(
+        opt, type(opt))
+    return compiled.experimental_get_tracing_count()
+
+
+def all_variables_programs(opt):
+    """The adapter's one-program update of all variables, if it ran."""
+    holder = opt._update_all_fn
+    return [] if holder is None else holder.fn.fns
+
+
+def run_against_reference(opt, steps=3):
+    rng = np.random.default_rng(11)
+    init = rng.normal(size=(3, 2)).astype("float32")
+    var = tf.Variable(init)
+    ref = AdamaxReference(learning_rate=0.1)
+    ref.add_variable("v", init, np.float32)
+    for _ in range(steps):
+        g = rng.normal(size=(3, 2)).astype("float32")
+        opt.apply_gradients([(tf.constant(g), var)])
+        ref.apply({"v": g})
+    np.testing.assert_allclose(var.numpy(), ref.w["v"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")),
+                    reason="tf-keras compiles per variable on a GPU anyway")
+@pytest.mark.parametrize("set_jit", [False, True], ids=["default", "set_true"])
+def test_jit_compile_set_true_compiles_per_variable_updates_as_tf_keras(
+        set_jit):
+    # With EMA (or under a strategy) tf-keras updates variable by variable,
+    # compiled with XLA only when its flag is set: on a GPU, or by the user.
+    # `opt.jit_compile = True` was skipped by tf's attribute tracking where
+    # the adapter's already read True (the default), and the updates stayed
+    # uncompiled where tf-keras's own Adamax compiles them.
+    traces = {}
+    for cls in (Adamax, tf_keras.optimizers.Adamax):
+        opt = cls(learning_rate=0.1, use_ema=True)
+        if set_jit:
+            opt.jit_compile = True
+        assert opt.jit_compile is (True if cls is Adamax else set_jit)
+        run_against_reference(opt)
+        traces[cls] = per_variable_xla_traces(opt)
+        if cls is Adamax:
+            assert not all_variables_programs(opt)  # the per-variable path
+    assert traces[Adamax] == traces[tf_keras.optimizers.Adamax]
+    assert (traces[Adamax] > 0) is set_jit
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_jit_compile_argument_switches_the_one_program(jit_compile):
+    # jit_compile=True (no strategy, no EMA): the update of all variables
+    # runs as the adapter's one XLA program, on CPU too; False: tf-keras's
+    # per-variable update, uncompiled without a GPU. Both as the reference.
+    opt = Adamax(learning_rate=0.1, jit_compile=jit_compile)
+    run_against_reference(opt)
+    programs = all_variables_programs(opt)
+    assert [p.experimental_get_tracing_count() for p in programs] == (
+        [1] if jit_compile else [])
+    if not tf.config.list_physical_devices("GPU"):
+        assert per_variable_xla_traces(opt) == 0
+
+
 def test_import_without_tf_keras_says_what_to_install():
     # It failed with a bare "No module named 'tf_keras'".
     script = (

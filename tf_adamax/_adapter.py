@@ -23,7 +23,8 @@ def _checked(name):
     assignment (Keras's own in its constructor included), so that a refused
     value leaves the old one. The value is kept in the instance `__dict__`
     under `name`, which the property shadows: Keras's attribute tracking
-    sees the assignment as before. (An `epsilon` of 0 warns when it
+    sees an accepted assignment as before (a refused one it never sees,
+    `KernelUpdates.__setattr__`). (An `epsilon` of 0 warns when it
     changes one, as the constructor's argument warns.)"""
 
     def get(self):
@@ -36,7 +37,14 @@ def _checked(name):
         vars(self)[name] = _hyper.check_option(
             name, value, vars(self), warn=name in vars(self))
 
-    return property(get, set)
+    return _CheckedOption(get, set)
+
+
+class _CheckedOption(property):
+    """A property made by `_checked`."""
+
+
+_UNSET = object()
 
 
 class _Betas(typing.NamedTuple):
@@ -60,7 +68,7 @@ class KernelUpdates:
     _update_all_fn = None
 
     # Assignments are checked as the constructor's arguments are: the
-    # adapters refuse the same values after construction.
+    # adapters refuse the same values after construction (`__setattr__`).
     beta_1 = _checked("beta_1")
     beta_2 = _checked("beta_2")
     epsilon = _checked("epsilon")
@@ -72,6 +80,32 @@ class KernelUpdates:
     ema_momentum = _checked("ema_momentum")
     ema_overwrite_frequency = _checked("ema_overwrite_frequency")
     loss_scale_factor = _checked("loss_scale_factor")
+
+    # Properties besides the checked options whose setter runs on every
+    # assignment, also of the value the attribute already holds.
+    _always_set = frozenset()
+
+    def __setattr__(self, name, value):
+        # Keras (both generations) tracks a variable assigned to any
+        # attribute before the attribute's property setter runs: a value the
+        # setter then refused stayed in Keras 3's variables (a saved model's
+        # optimizer state no longer loaded: one variable more than the
+        # optimizer it is loaded into) and became a tf-keras checkpoint
+        # child. So the setters' checks run here first, before Keras sees
+        # the value (without the `epsilon` warning, which the setter gives).
+        checked = isinstance(getattr(type(self), name, None), _CheckedOption)
+        if checked:
+            _hyper.check_option(name, value, vars(self), warn=False)
+        elif name == "learning_rate":
+            _hyper.check_learning_rate(value)
+        # Keras also skips the assignment of the value an attribute already
+        # holds (`getattr(self, name) is value`), setter and all; Keras has
+        # tracked it already.
+        if ((checked or name in self._always_set)
+                and getattr(self, name, _UNSET) is value):
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     @property
     def learning_rate(self):

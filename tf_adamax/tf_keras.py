@@ -177,6 +177,12 @@ class Adamax(_adapter.KernelUpdates, tf_keras.optimizers.Optimizer):
         # any device, as the argument says.
         self._jit_all = jit_compile
 
+    # `opt.jit_compile = True` where it reads True (the default) must still
+    # switch tf-keras's per-variable compilation on, as it does for tf-keras's
+    # own Adamax, where it reads False without a GPU: tf-keras would skip the
+    # assignment of the value the attribute holds, setter and all.
+    _always_set = frozenset({"jit_compile"})
+
     @property
     def jit_compile(self):
         """Whether the update of all variables is compiled as one XLA
