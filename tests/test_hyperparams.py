@@ -359,8 +359,10 @@ def test_tf_keras_config_with_a_norm_clip_and_clipvalue_still_loads():
 
     config = tf_adamax.tf_keras.Adamax(0.1, clipnorm=1.0).get_config()
     config["clipvalue"] = 0.5
-    with pytest.warns(UserWarning, match="clipvalue dropped"):
+    with pytest.warns(UserWarning, match="clipvalue dropped") as w:
         opt = tf_adamax.tf_keras.Adamax.from_config(config)
+    assert {x.filename for x in w if "clipvalue" in str(x.message)} == {
+        __file__}  # the user's line
     assert (opt.clipnorm, opt.clipvalue) == (1.0, None)
 
 

@@ -645,8 +645,10 @@ def test_load_model_skips_slots_saved_for_other_trainable_variables(
         head.trainable = False
     path = str(tmp_path / "saved_model")
     model.save(path, save_format="tf")
-    with pytest.warns(UserWarning, match="Skipping the optimizer state"):
+    with pytest.warns(UserWarning, match="Skipping the optimizer state") as w:
         restored = tf_adamax.tf_keras.load_model(path)
+    assert {x.filename for x in w if "Skipping" in str(x.message)} == {
+        __file__}  # the user's line
     for saved, now in zip(model.weights, restored.weights):
         np.testing.assert_array_equal(now.numpy(), saved.numpy())
     opt = restored.optimizer

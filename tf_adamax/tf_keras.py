@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 
 import tensorflow as tf
 
@@ -295,7 +294,7 @@ class Adamax(_adapter.KernelUpdates, tf_keras.optimizers.Optimizer):
         sparse indices raise as with tf-keras's own optimizers, where inside
         XLA they would be dropped silently.
         """
-        grads_and_vars = [(_checks.tensor_slices(g), v)
+        grads_and_vars = [(_checks.tensor_slices(g, v), v)
                           for g, v in grads_and_vars]
         grads = [g for g, _ in grads_and_vars]
         variables = [v for _, v in grads_and_vars]
@@ -341,11 +340,10 @@ class Adamax(_adapter.KernelUpdates, tf_keras.optimizers.Optimizer):
         config = dict(config)
         if config.get("clipvalue") and (config.get("clipnorm")
                                         or config.get("global_clipnorm")):
-            warnings.warn(
+            _hyper.warn_user(
                 f"Adamax config has clipvalue={config['clipvalue']} with a "
                 "norm clip; tf-keras applies only the norm clip, and so does "
-                "this optimizer (clipvalue dropped).", UserWarning,
-                stacklevel=2)
+                "this optimizer (clipvalue dropped).")
             config["clipvalue"] = None
         return super().from_config(config, custom_objects=custom_objects)
 
@@ -458,14 +456,14 @@ def load_model(filepath, **kwargs):
         if mismatch:
             # tf-keras restores slots by position: read into the slots of
             # other variables they would fail on a shape, or worse, load.
-            warnings.warn(
+            _hyper.warn_user(
                 f"Skipping the optimizer state of {path}: it was saved for "
                 f"other trainable variables ({mismatch}; layers frozen or "
                 "unfrozen after the optimizer was built?), and tf-keras "
                 "restores slots by position. The model's weights are "
                 "loaded; the optimizer starts afresh. To keep its state, "
                 "save with the layers' `trainable` as it was when the "
-                "optimizer was built.", stacklevel=2)
+                "optimizer was built.")
         else:
             tf.train.Checkpoint(model).read(checkpoint).expect_partial()
     return model
