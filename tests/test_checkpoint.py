@@ -684,17 +684,21 @@ def test_copies_of_the_optimizer_alone(jit):
     assert traces == (1 if jit else 0), traces
 
 
-def test_state_leaves_with_its_variable_in_every_table():
+def test_state_leaves_with_its_variable_in_every_table(monkeypatch):
     # Variables excluded from weight decay were held for ever; a restore
     # parked for a variable that is then freed must leave with it. A new
     # variable that gets a freed one's address (its id) must not receive
-    # its slots, its parked restore or its exclusion. (Many variables are
-    # freed so that new ones land at some of their addresses: one freed
-    # variable's address is rarely the next one's.)
+    # its slots, its parked restore or its exclusion. Whether CPython puts a
+    # new variable at a freed one's address depends on the allocator's
+    # state (in a long test run it may never), so the table is shown new
+    # variables under the freed ones' ids: what it sees when they are reused.
+    import builtins
     import gc
     import weakref
 
-    n = 40
+    from tf_adamax import _slots
+
+    n = 3
     saved = [tf.Variable([5.0, -3.0]) for _ in range(n)]
     opt = tf_adamax.Adamax(0.1, weight_decay=0.5, jit_compile=False)
     opt.apply_gradients([(tf.constant([1.0, 2.0]), w) for w in saved])
@@ -710,26 +714,28 @@ def test_state_leaves_with_its_variable_in_every_table():
     opt2.exclude_from_weight_decay(var_list=excluded)
     slotted = [tf.Variable([0.0, 0.0]) for _ in range(n)]
     opt2.build(slotted)
-    opt2.get_slot(slotted[0], "norm").assign([7.0, 7.0])
+    for v in slotted:
+        opt2.get_slot(v, "norm").assign([7.0, 7.0])
     freed = parked + excluded + slotted
-    addresses = {id(v) for v in freed}
+    addresses = [id(v) for v in freed]
     refs = [weakref.ref(v) for v in freed]
-    del parked, excluded, slotted, freed
+    del parked, excluded, slotted, freed, v
     gc.collect()
     assert all(r() is None for r in refs)
-    assert len(opt2.variables) == 2
-    assert opt2._slots._deferred == {}  # pylint: disable=protected-access
-    new = [tf.Variable([2.0, -4.0]) for _ in range(3 * n)]
-    reused = [v for v in new if id(v) in addresses]
-    assert reused, "no new variable at a freed one's address: nothing tested"
-    zero = tf.zeros(2)
-    opt2.apply_gradients([(zero, v) for v in reused])
-    for v in reused:
+    new = [tf.Variable([2.0, -4.0]) for _ in addresses]
+    reused = {builtins.id(v): a for v, a in zip(new, addresses)}
+    monkeypatch.setattr(_slots, "id", lambda o: reused.get(builtins.id(o),
+                                                           builtins.id(o)),
+                        raising=False)
+    opt2.apply_gradients([(tf.zeros(2), v) for v in new])
+    for v in new:
         # Decayed (not excluded), with fresh slots (no restored moments).
         np.testing.assert_allclose(v.numpy(), [1.9, -3.8], rtol=1e-6)
         np.testing.assert_array_equal(opt2.get_slot(v, "norm").numpy(), 0)
         np.testing.assert_array_equal(opt2.get_slot(v, "momentum").numpy(),
                                       0)
+    assert len(opt2.variables) == 2 + 2 * len(new)  # the freed ones' left
+    assert opt2._slots._deferred == {}  # pylint: disable=protected-access
 
 
 def test_copied_variables_freed_after_use_take_their_state_with_them():
