@@ -53,9 +53,13 @@ def test_refused_variable_option_leaves_variables_and_checkpoint(front,
     one_step(opt, variable_type)
     one_step(twin, variable_type)
     before = list(opt.variables)
-    for name, value in REFUSED:
+    # tf-keras's `lr` is an alias of `learning_rate` (its setter ran after
+    # tf tracked the variable as a child `lr`).
+    aliases = [("lr", [0.1, 0.1])] if front == "tf_keras" else []
+    for name, value in REFUSED + aliases:
         old = getattr(opt, name)
-        with pytest.raises(ValueError, match=name):
+        with pytest.raises(ValueError, match="learning_rate" if name == "lr"
+                           else name):
             setattr(opt, name, variable_type(value))
         assert getattr(opt, name) is old
     assert len(opt.variables) == len(before)

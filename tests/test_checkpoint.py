@@ -738,6 +738,32 @@ def test_state_leaves_with_its_variable_in_every_table(monkeypatch):
     assert opt2._slots._deferred == {}  # pylint: disable=protected-access
 
 
+def test_exclusions_added_at_freed_addresses_stay(monkeypatch):
+    # Variables excluded at the addresses (ids) of freed excluded ones, with
+    # no use of the table in between: the freed ones' pending removals must
+    # not remove the new exclusions (shown under the freed ids, as in
+    # `test_state_leaves_with_its_variable_in_every_table`).
+    import builtins
+    import gc
+
+    from tf_adamax import _slots
+
+    opt = tf_adamax.Adamax(0.1, weight_decay=0.5, jit_compile=False)
+    old = [tf.Variable([0.0]) for _ in range(3)]
+    opt.exclude_from_weight_decay(var_list=old)
+    addresses = [id(v) for v in old]
+    del old
+    gc.collect()
+    new = [tf.Variable([2.0]) for _ in addresses]
+    reused = {builtins.id(v): a for v, a in zip(new, addresses)}
+    monkeypatch.setattr(_slots, "id", lambda o: reused.get(builtins.id(o),
+                                                           builtins.id(o)),
+                        raising=False)
+    opt.exclude_from_weight_decay(var_list=new)
+    opt.apply_gradients([(tf.zeros(1), v) for v in new])
+    assert [float(v.numpy()[0]) for v in new] == [2.0] * len(new)
+
+
 def test_copied_variables_freed_after_use_take_their_state_with_them():
     # Only the copies of variables that nothing held once the deep copy was
     # made give their state back to the variables they were copied from.

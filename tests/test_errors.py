@@ -495,6 +495,26 @@ def test_sparse_indices_of_unknown_rank(jit, sparse_mode):
     assert_same_state(before, snapshot(opt, [emb]))
 
 
+@pytest.mark.parametrize("opt_jit", (False, True))
+def test_sparse_indices_of_unknown_rank_inside_user_xla(opt_jit):
+    # Asserts do not run inside a function the user compiles: a matrix of
+    # indices was flattened into rows and applied. Now it fails to compile.
+    emb = tf.Variable(np.ones((ROWS, 2), np.float32), name="table_e")
+    opt = tf_adamax.Adamax(0.1, jit_compile=opt_jit)
+    opt.build([emb])
+    step = tf.function(
+        lambda values, idx: opt.apply_gradients([(tf.IndexedSlices(
+            values, idx, tf.constant([ROWS, 2], tf.int64)), emb)]),
+        input_signature=[tf.TensorSpec(None, tf.float32),
+                         tf.TensorSpec(None, tf.int64)], jit_compile=True)
+    before = snapshot(opt, [emb])
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError)):
+        step(tf.ones((2, 2)), tf.constant([[1, 3]], tf.int64))
+    assert_same_state(before, snapshot(opt, [emb]))
+    step(tf.ones((2, 2)), tf.constant([1, 3], tf.int64))  # a vector steps
+    assert int(opt.iterations) == 1
+
+
 @pytest.mark.parametrize("sparse_mode", ("exact", "lazy"))
 @pytest.mark.parametrize("front", ("keras3", "tf_keras"))
 def test_adapters_take_sparse_indices_of_unknown_rank(front, sparse_mode):

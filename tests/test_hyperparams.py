@@ -229,6 +229,33 @@ def test_numpy_scalars_are_accepted_as_floats(front):
     np.testing.assert_array_equal(results[1], results[0])
 
 
+@pytest.mark.parametrize("kw", [dict(beta_1=False), dict(epsilon=True),
+                                dict(beta_1=np.array(False)),
+                                dict(epsilon=np.array(True)),
+                                dict(beta_2=np.array(0.5 + 0j))])
+def test_bools_and_complex_are_not_floats(kw):
+    # NumPy scalars are floats (above); bools and complex numbers are not.
+    (name, _), = kw.items()
+    with pytest.raises(ValueError, match=name):
+        tf_adamax.Adamax(0.1, **kw)
+
+
+def test_numpy_beta_values_do_not_recompile():
+    # A NumPy scalar set between eager steps is passed as a float64 tensor,
+    # as a float is: no new program for each value or NumPy type.
+    from conftest import compiled_update_functions
+
+    var = tf.Variable([1.0, -2.0])
+    opt = tf_adamax.Adamax(0.1)
+    for beta in (0.9, np.float32(0.8), np.array(0.7, np.float32),
+                 np.array(1e-3)):
+        opt.beta_1 = beta
+        opt.apply_gradients([(tf.constant([0.5, -1.0]), var)])
+    traces = [f.experimental_get_tracing_count()
+              for f in compiled_update_functions(opt)]
+    assert sum(traces) == 1, traces
+
+
 @pytest.mark.parametrize("mode", ("eager", "jit"))
 def test_ema_of_a_variable_first_updated_later_matches_keras3(mode):
     # Keras 3 copies every built variable into its average at the first step

@@ -96,7 +96,7 @@ class KernelUpdates:
         checked = isinstance(getattr(type(self), name, None), _CheckedOption)
         if checked:
             _hyper.check_option(name, value, vars(self), warn=False)
-        elif name == "learning_rate":
+        elif name in ("learning_rate", "lr"):  # tf-keras's alias too
             _hyper.check_learning_rate(value)
         # Keras also skips the assignment of the value an attribute already
         # holds (`getattr(self, name) is value`), setter and all; Keras has

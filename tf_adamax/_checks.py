@@ -109,6 +109,12 @@ def _vector(indices, var):
     rank_ok = tf.debugging.Assert(tf.equal(tf.rank(indices), 1), [
         f"IndexedSlices gradient{of} has indices of shape",
         tf.shape(indices), "; expected a vector of row indices."])
+    if _private.in_xla_context():
+        # Asserts do not run inside a user's XLA function: there a matrix
+        # fails to compile instead of being flattened into rows. (Not
+        # elsewhere: TF's graph optimizer evaluates `ensure_shape` with the
+        # call's shapes before the assert can name the variable.)
+        return tf.ensure_shape(indices, [None])
     with tf.control_dependencies([rank_ok]):
         return tf.reshape(indices, [-1])
 
